@@ -1,0 +1,1 @@
+"""Spec parsing, registries, runner, measurement, results, leaderboards, regression checks, CLI."""

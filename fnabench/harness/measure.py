@@ -1,0 +1,261 @@
+"""Cost, counted and measured: FLOPs, latency, throughput, peak memory. Depends on torch alone.
+
+FLOPs are counted per dispatched op with ``torch.utils.flop_counter``'s formulas (the same ones
+``FlopCounterMode`` uses), with its known gaps closed: CPU SDPA (counted 0 upstream) and SVD get a
+formula, and the ``nn.MultiheadAttention`` fast path (invisible to counters) is switched off while
+counting. 1 FLOP = 1 multiply or add, so FLOPs = 2 × multiply-adds; elementwise ops and softmax are
+not counted (the usual convention). FLOPs inside a variant's token mixing (marked with the profiler
+range ``fnabench::attention``) and inside any SDPA call are also reported as ``attention``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils import flop_counter as _fc
+from torch.utils._python_dispatch import TorchDispatchMode
+
+#: profiler range that variants open around their token mixing
+ATTENTION_RANGE = "fnabench::attention"
+
+_aten = torch.ops.aten
+_SDPA_OPS = {
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_attention_math",
+}
+
+
+def _sdpa_formula(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return _fc.sdpa_flop_count(query, key, value)
+
+
+def _svd_formula(a_shape, *args, out_shape=None, **kwargs) -> int:
+    """Golub & Van Loan's R-SVD cost with U and V: 4m²n + 8mn² + 9n³ (m ≥ n), per matrix."""
+    *batch, rows, cols = a_shape
+    m, n = max(rows, cols), min(rows, cols)
+    count = 1
+    for b in batch:
+        count *= b
+    return count * (4 * m * m * n + 8 * m * n * n + 9 * n**3)
+
+
+def _extra_formulas() -> dict:
+    extra = {}
+    cpu_sdpa = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None and cpu_sdpa not in _fc.flop_registry:
+        extra[cpu_sdpa] = _fc.shape_wrapper(_sdpa_formula)
+    svd = getattr(_aten, "_linalg_svd", None)
+    if svd is not None and svd not in _fc.flop_registry:
+        extra[svd] = _fc.shape_wrapper(_svd_formula)
+    return extra
+
+
+@dataclass
+class FlopCount:
+    """Counted FLOPs (not MACs) of one call: ``total``, the ``attention`` part, and per op."""
+
+    total: int
+    attention: int
+    by_op: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+    @property
+    def attention_gflops(self) -> float:
+        return self.attention / 1e9
+
+    @property
+    def other(self) -> int:
+        """FLOPs outside attention (projections, MLPs, patch embedding, heads)."""
+        return self.total - self.attention
+
+    @property
+    def macs(self) -> int:
+        return self.total // 2
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = {**_fc.flop_registry, **_extra_formulas()}
+        self.total = 0
+        self.attention = 0
+        self.by_op: dict[str, int] = defaultdict(int)
+        self._open: list[object] = []  # handles of open fnabench::attention ranges
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        name = packet.__name__
+        if name == "_record_function_enter_new":
+            if args and args[0] == ATTENTION_RANGE:
+                self._open.append(out)
+        elif name == "_record_function_exit":
+            if self._open and args and args[0] is self._open[-1]:
+                self._open.pop()
+        elif packet in self.registry:
+            flops = int(self.registry[packet](*args, **kwargs, out_val=out))
+            self.total += flops
+            self.by_op[name] += flops
+            if self._open or name in _SDPA_OPS:
+                self.attention += flops
+        return out
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """The fused nn.MultiheadAttention path hides every FLOP of the layer from counters."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
+
+
+def count_flops(model: Callable, *inputs, **kwargs) -> FlopCount:
+    """Run ``model(*inputs, **kwargs)`` once without grad and count its FLOPs (2 × multiply-adds)."""
+    counter = _Counter()
+    with torch.no_grad(), _no_mha_fastpath(), counter:
+        model(*inputs, **kwargs)
+    return FlopCount(counter.total, counter.attention, dict(counter.by_op))
+
+
+# ---------------------------------------------------------------------------------------------
+# time
+
+
+@dataclass
+class Latency:
+    """Seconds per call over ``repeats`` timed runs after warm-up: median, quartiles, extremes."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    repeats: int
+    device: str
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def throughput(self, items: int) -> float:
+        """Items per second at the median latency (images/s for a batch of ``items`` images)."""
+        return items / self.median
+
+    def as_dict(self) -> dict:
+        return {"median_s": self.median, "q1_s": self.q1, "q3_s": self.q3, "min_s": self.min,
+                "max_s": self.max, "repeats": self.repeats, "device": self.device}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    min_time: float = 0.0,
+) -> Latency:
+    """Time ``fn()``: ``warmup`` untimed calls, then at least ``repeats`` timed calls (and at least
+    ``min_time`` seconds in all). CUDA events on a GPU, ``perf_counter`` on CPU."""
+    device = torch.device(device)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        times: list[float] = []
+        started = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - started < min_time:
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    if len(times) >= 4:
+        q1, _, q3 = statistics.quantiles(times, n=4)
+    else:
+        q1, q3 = min(times), max(times)
+    return Latency(statistics.median(times), q1, q3, min(times), max(times), len(times), str(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = _rss_bytes()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _rss_bytes())
+
+
+def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
+                interval: float = 0.001) -> int:
+    """Bytes of memory ``fn()`` needed above what was in use before it: peak allocated device memory
+    on CUDA; on CPU, peak resident memory of the process sampled every ``interval`` s (Linux)."""
+    device = torch.device(device)
+    with torch.no_grad():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - base
+        if not os.path.exists("/proc/self/statm"):
+            raise OSError("peak CPU memory needs /proc/self/statm (Linux)")
+        base = _rss_bytes()
+        sampler = _RssSampler(interval)
+        sampler.start()
+        try:
+            fn()
+        finally:
+            peak = sampler.stop()
+        return max(0, peak - base)

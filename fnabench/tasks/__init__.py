@@ -1,0 +1,1 @@
+"""Datasets and metrics; each task returns a dict of metrics."""

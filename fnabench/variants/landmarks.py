@@ -1,0 +1,159 @@
+"""Landmark selection: which m real tokens FNA keeps as landmarks, chosen once per forward.
+
+All selectors return int64 indices [B, m]: guaranteed tokens first (in index order), then the
+selector's picks among tokens that are neither guaranteed nor excluded, padded by repeating the
+last pick when too few candidates remain.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _as_batch_mask(mask: torch.Tensor | None, batch: int, num_tokens: int, device) -> torch.Tensor:
+    if mask is None:
+        return torch.zeros(batch, num_tokens, dtype=torch.bool, device=device)
+    mask = mask.to(device=device, dtype=torch.bool)
+    return mask.expand(batch, num_tokens) if mask.dim() == 1 else mask
+
+
+def _guaranteed_order(guarantee: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the guaranteed indices in index order ([B, k]) and how many each row has ([B])."""
+    num_tokens = guarantee.shape[-1]
+    k = max(1, min(m, num_tokens))
+    rank = torch.arange(num_tokens, 0, -1, device=guarantee.device)  # earlier index, higher rank
+    order = torch.topk(guarantee * rank, k, dim=-1).indices
+    return order, guarantee.sum(-1).clamp(max=m)
+
+
+def farthest_point_sampling(
+    x: torch.Tensor,
+    m: int,
+    *,
+    guarantee: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Deterministic FPS over [B, N, D] features, vectorised over the batch.
+
+    Guaranteed tokens seed the set; with none, the first pick is the candidate farthest from the
+    candidates' centroid. Each later pick maximises the distance to the set chosen so far, so
+    outliers (high-norm sink/artifact tokens) enter early.
+    """
+    batch, num_tokens, _ = x.shape
+    x = x.float()
+    guarantee = _as_batch_mask(guarantee, batch, num_tokens, x.device)
+    exclude = _as_batch_mask(exclude, batch, num_tokens, x.device) & ~guarantee
+    g_order, g_count = _guaranteed_order(guarantee, m)
+    candidate = ~(guarantee | exclude)
+
+    sq_norm = (x * x).sum(-1)  # [B, N]
+    centroid = (x * candidate[..., None]).sum(1) / candidate.sum(1, keepdim=True).clamp(min=1)
+    centre_dist = sq_norm - 2 * (x @ centroid[..., None]).squeeze(-1) + (centroid * centroid).sum(-1, True)
+
+    rows = torch.arange(batch, device=x.device)
+    min_dist = torch.full((batch, num_tokens), float("inf"), device=x.device)
+    chosen = torch.zeros(batch, num_tokens, dtype=torch.bool, device=x.device)
+    picks = []
+    last = torch.zeros(batch, dtype=torch.long, device=x.device)
+    for step in range(m):
+        if step == 0:
+            score = centre_dist
+        else:
+            score = min_dist
+        score = score.masked_fill(~candidate | chosen, float("-inf"))
+        best = score.argmax(-1)
+        has_candidate = torch.isfinite(score.gather(1, best[:, None]).squeeze(1))
+        # a row still inside its guaranteed block takes the next guaranteed index instead
+        in_guarantee = step < g_count
+        g_pick = g_order[:, min(step, g_order.shape[1] - 1)]
+        pick = torch.where(in_guarantee, g_pick, torch.where(has_candidate, best, last))
+        picks.append(pick)
+        chosen[rows, pick] = True
+        last = pick
+        p = x[rows, pick]  # [B, D]
+        d = sq_norm - 2 * (x @ p[..., None]).squeeze(-1) + sq_norm[rows, pick][:, None]
+        min_dist = torch.minimum(min_dist, d)
+    return torch.stack(picks, dim=1)
+
+
+def ranked_selection(
+    score: torch.Tensor,
+    m: int,
+    *,
+    guarantee: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Guaranteed tokens, then the highest-``score`` candidates ([B, N] scores), padded if short."""
+    batch, num_tokens = score.shape
+    guarantee = _as_batch_mask(guarantee, batch, num_tokens, score.device)
+    exclude = _as_batch_mask(exclude, batch, num_tokens, score.device) & ~guarantee
+    # guaranteed tokens outrank everything, earlier indices first; excluded tokens rank last
+    rank = torch.arange(num_tokens, 0, -1, device=score.device, dtype=torch.float32)
+    norm_score = score.float().clamp(-1e30, 1e30)
+    key = torch.where(guarantee, 2e30 + rank, torch.where(exclude, torch.full_like(norm_score, -2e30), norm_score))
+    k = min(m, num_tokens)
+    top = torch.topk(key, k, dim=-1)
+    valid = top.values > -1e30
+    idx = top.indices
+    # replace invalid (excluded) slots by the last valid pick of their row
+    last_valid = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    pos = torch.where(valid, torch.arange(k, device=idx.device).expand_as(idx), last_valid)
+    idx = idx.gather(1, pos)
+    if k < m:
+        idx = torch.cat([idx, idx[:, -1:].expand(batch, m - k)], dim=1)
+    return idx
+
+
+def random_selection(
+    batch: int,
+    num_tokens: int,
+    m: int,
+    *,
+    seed: int,
+    device,
+    guarantee: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Uniformly random landmarks (the ablation), reproducible from ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    score = torch.rand(batch, num_tokens, generator=gen).to(device)
+    return ranked_selection(score, m, guarantee=guarantee, exclude=exclude)
+
+
+def norm_first_selection(
+    x: torch.Tensor,
+    norms: torch.Tensor,
+    m: int,
+    *,
+    ratio: float,
+    num_prefix: int,
+    guarantee: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """High-norm tokens (norm ≥ ratio × per-image median) forced in, highest first, then FPS fills.
+
+    This makes explicit what FPS does implicitly: massive/artifact tokens become landmarks.
+    """
+    batch, num_tokens, _ = x.shape
+    guarantee = _as_batch_mask(guarantee, batch, num_tokens, x.device)
+    exclude = _as_batch_mask(exclude, batch, num_tokens, x.device)
+    outliers = high_norm_tokens(norms, ratio, num_prefix) & ~exclude
+    forced = ranked_selection(norms.float().masked_fill(~outliers, float("-inf")), m, guarantee=guarantee,
+                              exclude=~(outliers | guarantee))
+    # forced rows hold guaranteed + outlier tokens first; FPS then fills the rest around them
+    n_forced = (guarantee | outliers).sum(-1).clamp(max=m)
+    slot = torch.arange(m, device=x.device)
+    keep = torch.zeros(batch, num_tokens, dtype=torch.bool, device=x.device)
+    keep.scatter_(1, forced, slot[None, :] < n_forced[:, None])
+    fps = farthest_point_sampling(x, m, guarantee=keep, exclude=exclude)
+    # FPS emits guaranteed tokens in index order; reorder so the forced ones keep norm order
+    return torch.where(slot[None, :] < n_forced[:, None], forced, fps)
+
+
+def high_norm_tokens(norms: torch.Tensor, ratio: float, num_prefix: int = 0) -> torch.Tensor:
+    """Bool [B, N]: tokens whose norm is at least ``ratio`` × the median norm of the non-prefix tokens."""
+    body = norms[:, num_prefix:] if norms.shape[1] > num_prefix else norms
+    median = body.float().median(dim=-1, keepdim=True).values.clamp(min=torch.finfo(torch.float32).tiny)
+    out = norms.float() / median >= ratio
+    out[:, :num_prefix] = False
+    return out

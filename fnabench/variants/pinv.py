@@ -1,0 +1,44 @@
+"""Pseudo-inverses of the landmark block A, always computed in at least float32.
+
+The truncated Newton–Schulz iteration is the default on purpose: with attention sinks A is
+numerically singular, and 4–6 steps act as a regulariser where an exact pinv amplifies the
+near-null directions (reference fna.md §5.2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything narrower is promoted to float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def newton_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:
+    """Nyströmformer's iterative Moore–Penrose inverse of [..., m, m], started at Aᵀ / max column sum."""
+    a = a.to(work_dtype(a.dtype))
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    col_sum = a.abs().sum(dim=-2).amax(dim=-1)[..., None, None]  # per matrix
+    z = a.transpose(-1, -2) / col_sum
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+def exact_pinv(a: torch.Tensor, rcond: float | None = None) -> torch.Tensor:
+    """``torch.linalg.pinv`` with relative cut-off ``rcond`` (None: torch's default, eps·m)."""
+    a = a.to(work_dtype(a.dtype))
+    if rcond is None:
+        return torch.linalg.pinv(a)
+    return torch.linalg.pinv(a, rtol=rcond)
+
+
+def pseudo_inverse(a: torch.Tensor, method: str, iters: int = 6, rcond: float | None = None) -> torch.Tensor:
+    """Dispatch on ``method`` ('newton' or 'exact')."""
+    if method == "newton":
+        return newton_pinv(a, iters)
+    if method == "exact":
+        return exact_pinv(a, rcond)
+    raise ValueError(f"unknown pinv method {method!r}; accepted: newton, exact")

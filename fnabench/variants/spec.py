@@ -1,0 +1,280 @@
+"""Variant spec grammar: ``name:key=value,...`` joined with ``+``, with one canonical string each.
+
+The canonical string (defaults filled, keys sorted, core component first) is a variant's identity
+in records, so two spellings of the same variant always land in the same leaderboard row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A variant spec that cannot be parsed; the message is one line naming what is accepted."""
+
+
+# ---------------------------------------------------------------------------------------------
+# value types
+
+
+@dataclass(frozen=True)
+class LayerSlice:
+    """A Python slice over a tower's blocks (``-11:`` = the last 11), or a single index."""
+
+    start: int | None
+    stop: int | None
+    step: int | None = None
+    single: bool = False
+
+    def resolve(self, num_layers: int) -> range:
+        """The block indices this slice selects in a tower of ``num_layers`` blocks."""
+        if self.single:
+            i = self.start if self.start >= 0 else num_layers + self.start  # type: ignore[operator]
+            return range(i, i + 1) if 0 <= i < num_layers else range(0)
+        return range(num_layers)[slice(self.start, self.stop, self.step)]
+
+    def __str__(self) -> str:
+        if self.single:
+            return str(self.start)
+        parts = ["" if p is None else str(p) for p in (self.start, self.stop)]
+        if self.step not in (None, 1):
+            parts.append(str(self.step))
+        return ":".join(parts)
+
+
+def _parse_int(text: str) -> int:
+    return int(text)
+
+
+def _parse_slice(text: str) -> LayerSlice:
+    if ":" not in text:
+        return LayerSlice(int(text), None, None, single=True)
+    parts = text.split(":")
+    if len(parts) > 3:
+        raise ValueError(text)
+    nums = [int(p) if p.strip() else None for p in parts] + [None] * (3 - len(parts))
+    if nums[2] == 0:
+        raise ValueError(text)
+    return LayerSlice(nums[0], nums[1], None if nums[2] == 1 else nums[2])
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """A set of token positions: ``none``, ``prefix`` (CLS and registers), ``cls`` or a slice ``a:b``."""
+
+    kind: str
+    span: LayerSlice | None = None
+
+    def mask(self, num_tokens: int, num_prefix: int):
+        """Boolean [N] tensor of the positions in the set."""
+        import torch
+
+        out = torch.zeros(num_tokens, dtype=torch.bool)
+        if self.kind == "prefix":
+            out[:num_prefix] = True
+        elif self.kind == "cls":
+            out[:1] = num_prefix > 0
+        elif self.kind == "span":
+            out[list(self.span.resolve(num_tokens))] = True  # type: ignore[union-attr]
+        return out
+
+    def __str__(self) -> str:
+        return str(self.span) if self.kind == "span" else self.kind
+
+
+def _parse_tokens(text: str) -> TokenSet:
+    if text in ("none", "prefix", "cls"):
+        return TokenSet(text)
+    return TokenSet("span", _parse_slice(text))
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _parse_float_or_auto(text: str) -> float | None:
+    return None if text == "auto" else float(text)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "auto"
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One key of a component: how to parse it, its default, what it accepts (for error messages)."""
+
+    parse: Callable[[str], Any]
+    default: Any
+    accepts: str
+    check: Callable[[Any], bool] = lambda _v: True
+
+
+def _choice(*options: str) -> Param:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(text)
+        return text
+
+    return Param(parse, options[0], " | ".join(options))
+
+
+_LAYERS = Param(_parse_slice, LayerSlice(None, None), "a slice such as ':' or '-6:' or an index")
+_TOWER = _choice("image", "text", "all")
+_M = Param(_parse_int, 64, "an integer >= 1", lambda v: v >= 1)
+_PINV = _choice("newton", "exact")
+_ITERS = Param(_parse_int, 6, "an integer >= 1", lambda v: v >= 1)
+_RCOND = Param(_parse_float_or_auto, None, "'auto' (torch's default) or a float in (0, 1)",
+               lambda v: v is None or 0 < v < 1)
+_RATIO = "a float > 1"
+
+#: Components and their keys.  The order of the first key of each choice is its default.
+COMPONENTS: dict[str, dict[str, Param]] = {
+    "exact": {
+        "impl": _choice("sdpa", "math"),
+    },
+    "fna": {
+        "m": _M,
+        "layers": _LAYERS,
+        "tower": _TOWER,
+        "landmarks": _choice("fps", "random", "norm"),
+        "features": _choice("q", "k", "v", "input"),
+        "pinv": _PINV,
+        "iters": _ITERS,
+        "rcond": _RCOND,
+        "resample": Param(_parse_bool, False, "true | false"),
+        "guarantee": Param(_parse_tokens, TokenSet("prefix"), "none | prefix | cls | a slice a:b"),
+        "exclude": Param(_parse_tokens, TokenSet("none"), "none | prefix | cls | a slice a:b"),
+        "seed": Param(_parse_int, 0, "an integer"),
+        "norm_ratio": Param(float, 3.0, _RATIO, lambda v: v > 1),
+    },
+    "nystrom": {
+        "m": _M,
+        "layers": _LAYERS,
+        "tower": _TOWER,
+        "pinv": _PINV,
+        "iters": _ITERS,
+        "rcond": _RCOND,
+    },
+    "mask": {
+        "tokens": _choice("artifact", "massive", "all"),
+        "action": _choice("keys", "values"),
+        "layers": _LAYERS,
+        "tower": _TOWER,
+        "artifact_ratio": Param(float, 3.0, _RATIO, lambda v: v > 1),
+        "massive_ratio": Param(float, 20.0, _RATIO, lambda v: v > 1),
+        "detect": _choice("each", "first"),
+    },
+    # Not an approximation: attention that costs nothing (out = V), to measure Amdahl bounds.
+    "null": {
+        "layers": _LAYERS,
+        "tower": _TOWER,
+    },
+}
+
+#: keys the short form shows even at their default, because they define the row
+_ALWAYS_SHOWN = {"m"}
+
+CORES = ("exact", "fna", "nystrom", "null")
+MODIFIERS = ("mask",)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One parsed ``name:key=value,...`` part with every key filled."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...]
+
+    def __getitem__(self, key: str) -> Any:
+        return dict(self.params)[key]
+
+    @property
+    def canonical(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in self.params)
+
+    @property
+    def short(self) -> str:
+        """Only the keys that differ from their defaults: the compact form for tables."""
+        keys = COMPONENTS[self.name]
+        diff = [f"{k}={_fmt(v)}" for k, v in self.params if v != keys[k].default or k in _ALWAYS_SHOWN]
+        return self.name + (":" + ",".join(diff) if diff else "")
+
+
+def parse_component(text: str, spec: str) -> Component:
+    """Parse one ``name:key=value,...`` part of ``spec`` into a :class:`Component`."""
+    name, _, body = text.strip().partition(":")
+    name = name.strip()
+    if name not in COMPONENTS:
+        raise SpecError(
+            f"unknown variant {name!r} in {spec!r}; accepted: {', '.join(sorted(COMPONENTS))}"
+        )
+    keys = COMPONENTS[name]
+    values = {k: p.default for k, p in keys.items()}
+    seen: set[str] = set()
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        key, eq, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if key not in keys:
+            accepted = ", ".join(sorted(keys)) or "no keys"
+            raise SpecError(f"unknown key {key!r} for {name!r} in {spec!r}; accepted: {accepted}")
+        if not eq or not raw:
+            raise SpecError(f"key {key!r} of {name!r} in {spec!r} needs a value: {keys[key].accepts}")
+        if key in seen:
+            raise SpecError(f"key {key!r} given twice for {name!r} in {spec!r}")
+        seen.add(key)
+        try:
+            value = keys[key].parse(raw)
+            ok = keys[key].check(value)
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise SpecError(
+                f"bad value {raw!r} for {name}:{key} in {spec!r}; accepted: {keys[key].accepts}"
+            )
+        values[key] = value
+    return Component(name, tuple(sorted(values.items())))
+
+
+def parse_components(spec: str) -> tuple[Component, Component | None]:
+    """Split a full spec into its attention core and optional mask; check how they combine."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(f"empty variant spec {spec!r}; example: 'fna:m=64,layers=-6:+mask'")
+    parts = [parse_component(p, spec) for p in spec.split("+")]
+    cores = [p for p in parts if p.name in CORES]
+    mods = [p for p in parts if p.name in MODIFIERS]
+    if len(cores) > 1:
+        raise SpecError(
+            f"{spec!r} names {len(cores)} attention cores ({', '.join(c.name for c in cores)}); "
+            f"accepted: at most one of {', '.join(CORES)}, plus an optional mask"
+        )
+    if len(mods) > 1:
+        raise SpecError(f"{spec!r} names mask twice; accepted: at most one mask component")
+    core = cores[0] if cores else parse_component("exact", spec)
+    mask = mods[0] if mods else None
+    if mask is not None and mask["action"] == "keys" and core.name == "nystrom":
+        raise SpecError(
+            f"{spec!r}: nystrom landmarks are segment means, so key masking is undefined; "
+            "accepted: mask:action=values with nystrom, or action=keys with exact/fna"
+        )
+    if mask is not None and mask["massive_ratio"] <= mask["artifact_ratio"]:
+        raise SpecError(
+            f"{spec!r}: mask massive_ratio must exceed artifact_ratio "
+            f"(got {mask['massive_ratio']:g} <= {mask['artifact_ratio']:g})"
+        )
+    return core, mask

@@ -1,0 +1,209 @@
+"""A parsed variant and the per-forward state it needs: what adapters call in place of attention.
+
+Adapters compute q, k, v from a module's own weights and call :meth:`Variant.attend` with the
+tower's :class:`ForwardState`; the variant decides, by tower and layer, whether that call is exact,
+FNA, Nyström or null, and whether masking applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import landmarks as lm
+from .exact import exact_attention, sdpa_attention
+from .fna import fna_attention
+from .mask import choose, detect_tokens, key_keep_mask, zero_values
+from .nystrom import segment_mean_attention
+from .spec import Component, SpecError, parse_components
+
+#: profiler range around every variant call; harness/measure.py counts FLOPs inside it as attention
+ATTENTION_RANGE = "fnabench::attention"
+
+
+@dataclass
+class ForwardState:
+    """Shared state of one tower during one forward: set by the adapter, read by the variant.
+
+    ``layer`` is the block now running, ``residual`` the residual stream entering it. Landmark
+    indices and detected tokens are cached here and cleared when block 0 starts a new forward.
+    """
+
+    tower: str
+    num_layers: int
+    num_prefix: int = 0
+    layer: int = 0
+    residual: torch.Tensor | None = None
+    landmarks: torch.Tensor | None = None
+    masked: torch.Tensor | None = None
+    history: dict = field(default_factory=dict)
+
+    def begin_layer(self, layer: int, residual: torch.Tensor | None) -> None:
+        """Called as block ``layer`` starts; block 0 starts a new forward and clears the caches."""
+        if layer == 0:
+            self.landmarks = None
+            self.masked = None
+            self.history = {}
+        self.layer = layer
+        self.residual = residual
+
+
+def _applies(component: Component | None, state: ForwardState) -> bool:
+    if component is None:
+        return False
+    if component["tower"] not in ("all", state.tower):
+        return False
+    return state.layer in component["layers"].resolve(state.num_layers)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An attention variant: one core (exact, fna, nystrom, null) plus an optional mask."""
+
+    core: Component
+    mask: Component | None = None
+
+    @property
+    def canonical(self) -> str:
+        """The identity string: defaults filled, keys sorted, core first."""
+        parts = [self.core.canonical] + ([self.mask.canonical] if self.mask else [])
+        return "+".join(parts)
+
+    @property
+    def short(self) -> str:
+        """Compact display form: only keys that differ from their defaults."""
+        parts = [self.core.short] + ([self.mask.short] if self.mask else [])
+        return "+".join(p for p in parts if p != "exact" or len(parts) == 1)
+
+    @property
+    def is_exact(self) -> bool:
+        return self.core.name == "exact" and self.mask is None
+
+    def towers(self) -> set[str]:
+        """Towers the variant changes ('image', 'text'); exact touches the image tower by default."""
+        names = {c["tower"] for c in (self.core, self.mask) if c is not None and "tower" in dict(c.params)}
+        names = names or {"image"}
+        return {"image", "text"} if "all" in names else names
+
+    def __str__(self) -> str:
+        return self.canonical
+
+    # -----------------------------------------------------------------------------------------
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: ForwardState,
+        *,
+        scale: float | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Self-attention of [B, H, N, d] q, k, v at ``state.layer`` of ``state.tower`` → [B, H, N, d].
+
+        ``attn_mask`` is additive or bool (True = keep), broadcastable to [B, H, N, N]; only exact
+        attention honours it, approximations refuse it rather than silently ignore it.
+        """
+        with torch.profiler.record_function(ATTENTION_RANGE):
+            return self._attend(q, k, v, state, scale, attn_mask)
+
+    def _attend(self, q, k, v, state: ForwardState, scale, attn_mask) -> torch.Tensor:
+        key_masked = None
+        if _applies(self.mask, state):
+            key_masked, v = self._apply_mask(v, state)
+        core = self.core
+        if not _applies(core, state) or core.name == "exact":
+            return self._exact(q, k, v, scale, attn_mask, key_masked)
+        if attn_mask is not None:
+            raise ValueError(
+                f"{core.name} cannot honour an attention mask (causal or padded input) in the "
+                f"{state.tower} tower; patch only unmasked towers (tower=image)"
+            )
+        if core.name == "null":
+            return v
+        n = q.shape[-2]
+        if core["m"] >= n:
+            return self._exact(q, k, v, scale, None, key_masked)
+        if core.name == "nystrom":
+            return segment_mean_attention(q, k, v, core["m"], scale=scale, pinv=core["pinv"],
+                                          pinv_iters=core["iters"], rcond=core["rcond"])
+        idx = self._landmarks(q, k, v, state, key_masked)
+        return fna_attention(q, k, v, idx, scale=scale, pinv=core["pinv"], pinv_iters=core["iters"],
+                             rcond=core["rcond"], key_masked=key_masked)
+
+    def _exact(self, q, k, v, scale, attn_mask, key_masked) -> torch.Tensor:
+        if key_masked is not None:
+            keep = key_keep_mask(key_masked)
+            if attn_mask is None:
+                attn_mask = keep
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask & keep
+            else:
+                attn_mask = attn_mask + torch.zeros_like(keep, dtype=q.dtype).masked_fill(~keep, float("-inf"))
+        if self.core.name == "exact" and self.core["impl"] == "math":
+            return exact_attention(q, k, v, scale=scale, attn_mask=attn_mask)
+        return sdpa_attention(q, k, v, scale=scale, attn_mask=attn_mask)
+
+    def _apply_mask(self, v: torch.Tensor, state: ForwardState):
+        mask = self.mask
+        assert mask is not None
+        if state.masked is None or mask["detect"] == "each":
+            if state.residual is None:
+                raise ValueError("mask needs the residual stream, but the adapter gave none")
+            massive, artifact = detect_tokens(state.residual, num_prefix=state.num_prefix,
+                                              artifact_ratio=mask["artifact_ratio"],
+                                              massive_ratio=mask["massive_ratio"])
+            state.masked = choose(massive, artifact, mask["tokens"])
+            state.history[state.layer] = (massive, artifact)
+        masked = state.masked
+        if mask["action"] == "values":
+            return None, zero_values(v, masked)
+        return masked, v
+
+    def _landmarks(self, q, k, v, state: ForwardState, key_masked) -> torch.Tensor:
+        core = self.core
+        if state.landmarks is not None and not core["resample"]:
+            return state.landmarks
+        b, _, n, _ = q.shape
+        m = core["m"]
+        guarantee = core["guarantee"].mask(n, state.num_prefix).to(q.device)
+        exclude = core["exclude"].mask(n, state.num_prefix).to(q.device)[None].expand(b, n)
+        if key_masked is not None:  # a key-masked token would only ever serve itself
+            exclude = exclude | key_masked
+        with torch.no_grad():
+            feats = self._features(q, k, v, state)
+            method = core["landmarks"]
+            if method == "fps":
+                idx = lm.farthest_point_sampling(feats, m, guarantee=guarantee, exclude=exclude)
+            elif method == "random":
+                idx = lm.random_selection(b, n, m, seed=core["seed"], device=q.device,
+                                          guarantee=guarantee, exclude=exclude)
+            else:
+                source = state.residual if state.residual is not None else feats
+                norms = source.float().norm(dim=-1)
+                idx = lm.norm_first_selection(feats, norms, m, ratio=core["norm_ratio"],
+                                              num_prefix=state.num_prefix, guarantee=guarantee,
+                                              exclude=exclude)
+        state.landmarks = idx
+        return idx
+
+    def _features(self, q, k, v, state: ForwardState) -> torch.Tensor:
+        which = self.core["features"]
+        if which == "input":
+            if state.residual is None:
+                raise ValueError("features=input needs the residual stream, but the adapter gave none")
+            return state.residual
+        return {"q": q, "k": k, "v": v}[which].mean(dim=1)
+
+
+def parse_variant(spec: str | Variant) -> Variant:
+    """Parse a spec such as ``'fna:m=64,layers=-6:+mask:tokens=artifact'`` into a :class:`Variant`."""
+    if isinstance(spec, Variant):
+        return spec
+    core, mask = parse_components(spec)
+    return Variant(core, mask)
+
+
+__all__ = ["ForwardState", "SpecError", "Variant", "parse_variant"]
