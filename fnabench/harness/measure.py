@@ -94,7 +94,7 @@ class _Counter(TorchDispatchMode):
         self.total = 0
         self.attention = 0
         self.by_op: dict[str, int] = defaultdict(int)
-        self._open: list[object] = []  # handles of open fnabench::attention ranges
+        self._ranges: list[bool] = []  # open profiler ranges (LIFO): is each one ours?
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -102,16 +102,15 @@ class _Counter(TorchDispatchMode):
         packet = func._overloadpacket
         name = packet.__name__
         if name == "_record_function_enter_new":
-            if args and args[0] == ATTENTION_RANGE:
-                self._open.append(out)
+            self._ranges.append(bool(args) and args[0] == ATTENTION_RANGE)
         elif name == "_record_function_exit":
-            if self._open and args and args[0] is self._open[-1]:
-                self._open.pop()
+            if self._ranges:
+                self._ranges.pop()
         elif packet in self.registry:
             flops = int(self.registry[packet](*args, **kwargs, out_val=out))
             self.total += flops
             self.by_op[name] += flops
-            if self._open or name in _SDPA_OPS:
+            if any(self._ranges) or name in _SDPA_OPS:
                 self.attention += flops
         return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 
@@ -199,8 +200,12 @@ class Component:
     name: str
     params: tuple[tuple[str, Any], ...]
 
+    @cached_property
+    def values(self) -> dict[str, Any]:
+        return dict(self.params)
+
     def __getitem__(self, key: str) -> Any:
-        return dict(self.params)[key]
+        return self.values[key]
 
     @property
     def canonical(self) -> str:

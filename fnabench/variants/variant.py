@@ -82,7 +82,7 @@ class Variant:
 
     def towers(self) -> set[str]:
         """Towers the variant changes ('image', 'text'); exact touches the image tower by default."""
-        names = {c["tower"] for c in (self.core, self.mask) if c is not None and "tower" in dict(c.params)}
+        names = {c["tower"] for c in (self.core, self.mask) if c is not None and "tower" in c.values}
         names = names or {"image"}
         return {"image", "text"} if "all" in names else names
 
@@ -114,7 +114,7 @@ class Variant:
         if _applies(self.mask, state):
             key_masked, v = self._apply_mask(v, state)
         core = self.core
-        if not _applies(core, state) or core.name == "exact":
+        if core.name == "exact" or not _applies(core, state):
             return self._exact(q, k, v, scale, attn_mask, key_masked)
         if attn_mask is not None:
             raise ValueError(

@@ -1,0 +1,247 @@
+"""Variant math against exact attention on fresh random inputs (relative error; NaN never passes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+from fnabench.variants import ForwardState, parse_variant
+from fnabench.variants import landmarks as lm
+from fnabench.variants.exact import exact_attention, sdpa_attention
+from fnabench.variants.fna import fna_attention, nystrom_attention
+from fnabench.variants.mask import detect_tokens
+from fnabench.variants.nystrom import segment_mean_attention, segment_means
+from fnabench.variants.pinv import exact_pinv, newton_pinv
+
+
+def _qkv(b=2, h=3, n=40, d=16, dtype=torch.float64, scale=1.0):
+    return tuple(torch.randn(b, h, n, d, dtype=dtype) * scale for _ in range(3))
+
+
+def _formula_reference(q, k, v, idx, pinv, iters):
+    """FNA written out per batch and head in float64, straight from the four-step formula."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        sel = idx[b]
+        for h in range(q.shape[1]):
+            qs, ks = q[b, h, sel], k[b, h, sel]
+            a = torch.softmax(s * qs @ ks.T, -1)
+            bv = torch.softmax(s * qs @ k[b, h].T, -1) @ v[b, h]
+            if pinv == "exact":
+                z = torch.linalg.pinv(a)
+            else:
+                z = a.T / a.sum(0).max()
+                eye = torch.eye(a.shape[0], dtype=a.dtype)
+                for _ in range(iters):
+                    az = a @ z
+                    z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+            out[b, h] = torch.softmax(s * q[b, h] @ ks.T, -1) @ (z @ bv)
+    return out
+
+
+@pytest.mark.parametrize("pinv", ["newton", "exact"])
+def test_nystrom_attention_matches_formula_reference(pinv):
+    q, k, v = _qkv()
+    idx = torch.stack([torch.randperm(40)[:12] for _ in range(2)])
+    out = nystrom_attention(q, k, v, idx, pinv=pinv, pinv_iters=6)
+    assert out.shape == q.shape
+    assert rel_err(out, _formula_reference(q, k, v, idx, pinv, 6)) <= 1e-10
+
+
+def test_all_tokens_as_landmarks_is_exact():
+    q, k, v = _qkv(n=50)
+    idx = torch.arange(50).expand(2, 50)
+    assert rel_err(nystrom_attention(q, k, v, idx, pinv="exact"), exact_attention(q, k, v)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_supported_and_close(dtype):
+    q, k, v = _qkv(n=64, dtype=torch.float32)
+    idx = torch.arange(64).expand(2, 64)
+    ref = exact_attention(q, k, v)
+    out = nystrom_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, pinv_iters=20)
+    assert out.dtype == dtype
+    tol = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    assert rel_err(out.float(), ref) <= tol
+
+
+def _planted(n=577, width=64, sinks=(0, 100, 200, 300), factor=12.0, dtype=torch.float32):
+    """Tokens with a few ×12 high-norm 'sink' rows, projected to one head (reference fna.md §5)."""
+    x = torch.randn(1, n, width)
+    x[:, list(sinks)] *= factor
+    w = [torch.randn(width, width) / width**0.5 for _ in range(3)]
+    q, k, v = ((x @ wi).reshape(1, n, 1, width).transpose(1, 2).to(dtype) for wi in w)
+    return x, q, k, v
+
+
+def test_fps_and_norm_beat_random_with_planted_sinks():
+    sinks = (0, 100, 200, 300)
+    x, q, k, v = _planted(sinks=sinks)
+    ref = exact_attention(q, k, v)
+    cls = torch.zeros(577, dtype=torch.bool)
+    cls[0] = True
+    selections = {
+        "fps": lm.farthest_point_sampling(q.mean(1), 64, guarantee=cls),
+        "norm": lm.norm_first_selection(q.mean(1), x.norm(dim=-1), 64, ratio=3.0, num_prefix=1, guarantee=cls),
+        "random": lm.random_selection(1, 577, 64, seed=0, device="cpu", guarantee=cls),
+    }
+    errors = {name: rel_err(nystrom_attention(q, k, v, idx), ref) for name, idx in selections.items()}
+    assert set(sinks) <= set(selections["fps"][0].tolist())
+    assert set(sinks) <= set(selections["norm"][0].tolist())
+    assert errors["fps"] < 0.5 * errors["random"], errors
+    assert errors["norm"] < 0.5 * errors["random"], errors
+
+
+def test_error_falls_as_m_grows_with_fps():
+    _, q, k, v = _planted()
+    ref = exact_attention(q, k, v)
+    errors = [rel_err(nystrom_attention(q, k, v, lm.farthest_point_sampling(q.mean(1), m)), ref)
+              for m in (16, 64, 256)]
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_no_nan_or_inf_in_half_precision_with_sinks(dtype):
+    x, q, k, v = _planted(factor=30.0, dtype=dtype)
+    idx = lm.farthest_point_sampling(q.mean(1).float(), 64)
+    out = nystrom_attention(q, k, v, idx)
+    assert torch.isfinite(out).all()
+    assert rel_err(out.float(), exact_attention(q.float(), k.float(), v.float())) < 1.0
+    nys = segment_mean_attention(q, k, v, 32)
+    assert torch.isfinite(nys).all()
+
+
+def test_pinv_methods():
+    a = torch.softmax(torch.randn(3, 10, 10, dtype=torch.float64), -1)
+    ref = torch.linalg.pinv(a)
+    assert rel_err(newton_pinv(a, 40), ref) < 1e-8
+    assert rel_err(exact_pinv(a), ref) < 1e-12
+    assert newton_pinv(a.half(), 6).dtype == torch.float32  # computed in at least fp32
+
+
+def test_fps_deterministic_guarantee_exclude_and_padding():
+    feats = torch.randn(3, 30, 8)
+    guarantee = torch.zeros(30, dtype=torch.bool)
+    guarantee[[2, 5]] = True
+    exclude = torch.zeros(30, dtype=torch.bool)
+    exclude[10:] = True
+    idx = lm.farthest_point_sampling(feats, 12, guarantee=guarantee, exclude=exclude)
+    assert torch.equal(idx, lm.farthest_point_sampling(feats, 12, guarantee=guarantee, exclude=exclude))
+    assert idx[:, :2].tolist() == [[2, 5]] * 3
+    assert (idx < 10).all()  # excluded tokens never chosen
+    # 10 allowed tokens for 12 slots: all of them chosen, then padded with repeats
+    assert all(len(set(row.tolist())) == 10 for row in idx)
+    # vectorised over the batch = the same as one row at a time
+    for b in range(3):
+        row = lm.farthest_point_sampling(feats[b:b + 1], 12, guarantee=guarantee, exclude=exclude)
+        assert torch.equal(row[0], idx[b])
+
+
+def test_fps_picks_outliers_first_and_spreads():
+    feats = torch.randn(1, 100, 4)
+    feats[0, 37] = 50.0
+    idx = lm.farthest_point_sampling(feats, 5)
+    assert idx[0, 0].item() == 37
+
+
+def test_random_selection_is_seeded():
+    a = lm.random_selection(2, 50, 8, seed=3, device="cpu")
+    assert torch.equal(a, lm.random_selection(2, 50, 8, seed=3, device="cpu"))
+    assert not torch.equal(a, lm.random_selection(2, 50, 8, seed=4, device="cpu"))
+    assert all(len(set(r.tolist())) == 8 for r in a)
+
+
+def test_segment_means_and_nystrom_full_rank_is_exact():
+    x = torch.arange(10, dtype=torch.float64).reshape(1, 1, 10, 1)
+    assert segment_means(x, 5).flatten().tolist() == [0.5, 2.5, 4.5, 6.5, 8.5]
+    q, k, v = _qkv(n=30)
+    # one token per segment: segment means are the tokens themselves
+    assert rel_err(segment_mean_attention(q, k, v, 30, pinv="exact"), exact_attention(q, k, v)) < 1e-6
+
+
+def test_sdpa_and_math_exact_agree():
+    q, k, v = _qkv(dtype=torch.float32)
+    assert rel_err(sdpa_attention(q, k, v), exact_attention(q, k, v)) < 1e-6
+
+
+# ------------------------------------------------------------------------------ masking
+
+
+def _state(residual, num_layers=4, layer=0, prefix=1):
+    state = ForwardState(tower="image", num_layers=num_layers, num_prefix=prefix)
+    state.begin_layer(layer, residual)
+    return state
+
+
+def test_detection_classifies_massive_and_artifact():
+    residual = torch.nn.functional.normalize(torch.randn(2, 20, 16), dim=-1)
+    residual[:, 3] *= 5  # artifact: ≈5× median norm
+    residual[:, 7] *= 60  # massive
+    residual[:, 0] *= 100  # CLS (prefix) is never flagged
+    massive, artifact = detect_tokens(residual, num_prefix=1, artifact_ratio=3, massive_ratio=20)
+    assert massive.nonzero()[:, 1].tolist() == [7, 7]
+    assert artifact.nonzero()[:, 1].tolist() == [3, 3]
+
+
+def test_key_mask_matches_explicit_reference():
+    b, h, n, d = 2, 2, 12, 8
+    q, k, v = _qkv(b, h, n, d, dtype=torch.float32)
+    residual = torch.randn(b, n, 16)
+    residual[:, 5] *= 6
+    variant = parse_variant("exact+mask:tokens=artifact")
+    out = variant.attend(q, k, v, _state(residual))
+    logits = (q @ k.transpose(-1, -2)) * d**-0.5
+    blocked = torch.zeros(n, n, dtype=torch.bool)
+    blocked[:, 5] = True
+    blocked[5, 5] = False  # a masked token still attends to itself
+    ref = torch.softmax(logits.masked_fill(blocked, float("-inf")), -1) @ v
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_value_mask_zeroes_values():
+    q, k, v = _qkv(2, 2, 12, 8, dtype=torch.float32)
+    residual = torch.nn.functional.normalize(torch.randn(2, 12, 16), dim=-1)
+    residual[:, 4] *= 6
+    out = parse_variant("mask:action=values").attend(q, k, v, _state(residual))
+    v0 = v.clone()
+    v0[:, :, 4] = 0
+    assert rel_err(out, exact_attention(q, k, v0)) < 1e-6
+
+
+def test_fna_with_key_mask_equals_masked_exact_when_all_tokens_are_landmarks():
+    q, k, v = _qkv(2, 2, 16, 8)
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, [3, 9]] = True
+    from fnabench.variants.mask import key_keep_mask
+
+    ref = exact_attention(q, k, v, attn_mask=key_keep_mask(masked))
+    idx = torch.arange(16).expand(2, 16)
+    out = fna_attention(q, k, v, idx, pinv="exact", key_masked=masked)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_mask_layers_and_no_detection_is_noop():
+    q, k, v = _qkv(1, 2, 10, 8, dtype=torch.float32)
+    residual = torch.nn.functional.normalize(torch.randn(1, 10, 16), dim=-1)
+    residual[:, 2] *= 8
+    variant = parse_variant("mask:layers=2:")
+    ref = exact_attention(q, k, v)
+    assert rel_err(variant.attend(q, k, v, _state(residual, layer=1)), ref) < 1e-6  # layer 1 untouched
+    assert rel_err(variant.attend(q, k, v, _state(residual, layer=2)), ref) > 1e-3
+    plain = torch.randn(1, 10, 16)
+    plain = plain / plain.norm(dim=-1, keepdim=True)  # equal norms: nothing detected
+    assert rel_err(variant.attend(q, k, v, _state(plain, layer=3)), ref) < 1e-6
+
+
+def test_fna_plus_mask_excludes_masked_tokens_from_landmarks():
+    q, k, v = _qkv(1, 2, 30, 8, dtype=torch.float32)
+    residual = torch.nn.functional.normalize(torch.randn(1, 30, 16), dim=-1)
+    residual[:, 11] *= 8
+    state = _state(residual)
+    out = parse_variant("fna:m=8+mask").attend(q, k, v, state)
+    assert torch.isfinite(out).all()
+    assert 11 not in state.landmarks[0].tolist()
+    assert state.history[0][1][0, 11]  # recorded as an artifact token
