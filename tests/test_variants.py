@@ -105,7 +105,7 @@ def test_error_falls_as_m_grows_with_fps():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_no_nan_or_inf_in_half_precision_with_sinks(dtype):
-    x, q, k, v = _planted(factor=30.0, dtype=dtype)
+    _, q, k, v = _planted(factor=30.0, dtype=dtype)
     idx = lm.farthest_point_sampling(q.mean(1).float(), 64)
     out = nystrom_attention(q, k, v, idx)
     assert torch.isfinite(out).all()

@@ -1,11 +1,12 @@
 """Cost, counted and measured: FLOPs, latency, throughput, peak memory. Depends on torch alone.
 
 FLOPs are counted per dispatched op with ``torch.utils.flop_counter``'s formulas (the same ones
-``FlopCounterMode`` uses), with its known gaps closed: CPU SDPA (counted 0 upstream) and SVD get a
-formula, and the ``nn.MultiheadAttention`` fast path (invisible to counters) is switched off while
-counting. 1 FLOP = 1 multiply or add, so FLOPs = 2 × multiply-adds; elementwise ops and softmax are
-not counted (the usual convention). FLOPs inside a variant's token mixing (marked with the profiler
-range ``fnabench::attention``) and inside any SDPA call are also reported as ``attention``.
+``FlopCounterMode`` uses), with its known gaps closed: CPU SDPA (counted 0 upstream) gets the SDPA
+formula, SVD and pinv get Golub & Van Loan's operation counts, and the ``nn.MultiheadAttention``
+fast path (invisible to counters) is switched off while counting. 1 FLOP = 1 multiply or add, so
+FLOPs = 2 × multiply-adds; elementwise ops and softmax are not counted (the usual convention).
+FLOPs inside a variant's token mixing (the profiler range ``fnabench::attention``) and inside any
+SDPA call, whichever kernel runs it, are also reported as ``attention``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils import flop_counter as _fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -50,14 +53,24 @@ def _svd_formula(a_shape, *args, out_shape=None, **kwargs) -> int:
     return count * (4 * m * m * n + 8 * m * n * n + 9 * n**3)
 
 
+def _pinv_formula(a_shape, *args, out_shape=None, **kwargs) -> int:
+    """pinv = SVD, then V·Σ⁺·Uᵀ (2·m·n·k FLOPs for the product)."""
+    *batch, rows, cols = a_shape
+    count = 1
+    for b in batch:
+        count *= b
+    return _svd_formula(a_shape) + count * 2 * rows * cols * min(rows, cols)
+
+
 def _extra_formulas() -> dict:
     extra = {}
     cpu_sdpa = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None and cpu_sdpa not in _fc.flop_registry:
         extra[cpu_sdpa] = _fc.shape_wrapper(_sdpa_formula)
-    svd = getattr(_aten, "_linalg_svd", None)
-    if svd is not None and svd not in _fc.flop_registry:
-        extra[svd] = _fc.shape_wrapper(_svd_formula)
+    for op_name, formula in (("_linalg_svd", _svd_formula), ("linalg_pinv", _pinv_formula)):
+        op = getattr(_aten, op_name, None)
+        if op is not None and op not in _fc.flop_registry:
+            extra[op] = _fc.shape_wrapper(formula)
     return extra
 
 
@@ -115,6 +128,23 @@ class _Counter(TorchDispatchMode):
         return out
 
 
+class _SdpaAsAttention(TorchFunctionMode):
+    """Marks every ``F.scaled_dot_product_attention`` call as attention, whichever kernel it decomposes to."""
+
+    def __init__(self, counter: _Counter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self.counter._ranges.append(True)
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter._ranges.pop()
+
+
 @contextlib.contextmanager
 def _no_mha_fastpath():
     """The fused nn.MultiheadAttention path hides every FLOP of the layer from counters."""
@@ -133,7 +163,7 @@ def _no_mha_fastpath():
 def count_flops(model: Callable, *inputs, **kwargs) -> FlopCount:
     """Run ``model(*inputs, **kwargs)`` once without grad and count its FLOPs (2 × multiply-adds)."""
     counter = _Counter()
-    with torch.no_grad(), _no_mha_fastpath(), counter:
+    with torch.no_grad(), _no_mha_fastpath(), counter, _SdpaAsAttention(counter):
         model(*inputs, **kwargs)
     return FlopCount(counter.total, counter.attention, dict(counter.by_op))
 

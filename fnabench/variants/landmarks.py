@@ -56,11 +56,7 @@ def farthest_point_sampling(
     picks = []
     last = torch.zeros(batch, dtype=torch.long, device=x.device)
     for step in range(m):
-        if step == 0:
-            score = centre_dist
-        else:
-            score = min_dist
-        score = score.masked_fill(~candidate | chosen, float("-inf"))
+        score = (centre_dist if step == 0 else min_dist).masked_fill(~candidate | chosen, float("-inf"))
         best = score.argmax(-1)
         has_candidate = torch.isfinite(score.gather(1, best[:, None]).squeeze(1))
         # a row still inside its guaranteed block takes the next guaranteed index instead
