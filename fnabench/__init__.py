@@ -6,6 +6,7 @@ Public API: :func:`patch`, :func:`parse_variant`, :func:`count_flops`; the pure 
 
 from .adapters import PatchHandle, UnsupportedModelError, patch
 from .harness.measure import FlopCount, count_flops, measure_latency, peak_memory
+from .harness.registry import load_model
 from .variants import SpecError, Variant, parse_variant
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "Variant",
     "__version__",
     "count_flops",
+    "load_model",
     "measure_latency",
     "parse_variant",
     "patch",

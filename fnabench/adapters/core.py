@@ -170,6 +170,31 @@ class PatchHandle:
         return f"PatchHandle({self.variant.canonical!r}, {towers}, active={self.active})"
 
 
+def discover(model: nn.Module) -> list[tuple[str, nn.Module, AttentionKind]]:
+    """Every attention module an adapter recognises, as (name, module, kind) in module order."""
+    kinds, labels = _kinds()
+    found = []
+    for name, module in model.named_modules():
+        kind = next((k for k in kinds if k.matches(module)), None)
+        if kind is not None:
+            found.append((name, module, kind))
+    if not found:
+        raise UnsupportedModelError(
+            f"cannot patch {type(model).__name__}: no attention module found; looked for {', '.join(labels)}"
+        )
+    return found
+
+
+def find_blocks(model: nn.Module, tower: str = "image") -> list[nn.Module]:
+    """The blocks of ``tower`` (the modules holding its attention), in layer order."""
+    blocks = []
+    for name, _, _ in discover(model):
+        block_path, list_path, layer, _ = _block_of(model, name) if name else ("", "", 0, 1)
+        if _tower_of(list_path) == tower:
+            blocks.append((layer, model.get_submodule(block_path) if block_path else model))
+    return [b for _, b in sorted(blocks, key=lambda t: t[0])]
+
+
 def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = None) -> PatchHandle:
     """Patch ``model``'s attention in place with the variant ``spec``; returns a reversible handle.
 
@@ -185,18 +210,10 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             f"{type(model).__name__} is already patched with {existing.variant.canonical!r}; "
             "call .remove() on that handle first"
         )
-    kinds, labels = _kinds()
-    found: list[tuple[str, nn.Module, AttentionKind]] = []
-    for name, module in model.named_modules():
+    found = discover(model)
+    for name, module, _ in found:
         if "_fnabench_site" in module.__dict__:
             raise AlreadyPatchedError(f"module {name or type(module).__name__} is already patched by fnabench")
-        kind = next((k for k in kinds if k.matches(module)), None)
-        if kind is not None:
-            found.append((name, module, kind))
-    if not found:
-        raise UnsupportedModelError(
-            f"cannot patch {type(model).__name__}: no attention module found; looked for {', '.join(labels)}"
-        )
 
     wanted = variant.towers()
     states: dict[str, ForwardState] = {}

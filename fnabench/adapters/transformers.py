@@ -8,10 +8,15 @@ untouched. Otherwise the module's forward is swapped for one that projects q, k,
 
 from __future__ import annotations
 
+import inspect
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._extras import require
 from .core import AttentionKind, Site, install_forward, merge_heads, split_heads
+from .loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, describe_load_failure, make_preprocess
 
 IMPLEMENTATION = "fnabench"
 #: "auto" uses AttentionInterface where the class dispatches through it; "swap" forces the module swap
@@ -33,7 +38,7 @@ def fnabench_attention(module: nn.Module, query, key, value, attention_mask, sca
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
+    AttentionInterface = require("transformers").AttentionInterface
 
     if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not fnabench_attention:
         AttentionInterface.register(IMPLEMENTATION, fnabench_attention)
@@ -97,3 +102,63 @@ def kinds() -> list[AttentionKind]:
 
     return [AttentionKind("transformers attention", matches, _install)]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _embedder(model):
+    """Final image features of a transformers vision model, at any input size."""
+    if hasattr(model, "get_image_features"):  # CLIPModel, SiglipModel: the projected embedding
+
+        def embed(x):
+            out = model.get_image_features(pixel_values=x, interpolate_pos_encoding=True)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+        return embed
+    interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+
+    def embed(x):
+        out = model(pixel_values=x, interpolate_pos_encoding=True) if interpolate else model(pixel_values=x)
+        return out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+
+    return embed
+
+
+def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
+    """``hf:REPO_ID``: ``AutoModel`` + ``AutoImageProcessor`` through transformers' own cache."""
+    tr = require("transformers")
+    try:
+        model = tr.AutoModel.from_pretrained(spec)
+        processor = tr.AutoImageProcessor.from_pretrained(spec)
+    except Exception as err:  # host/hub errors come in many types; one line says what to do
+        raise describe_load_failure(f"hf:{spec}", err) from None
+    return _finish(f"hf:{spec}", model, image_size, getattr(processor, "image_mean", IMAGENET_MEAN),
+                   getattr(processor, "image_std", IMAGENET_STD), "hf")
+
+
+def _finish(name, model, image_size, mean, std, family) -> LoadedModel:
+    cfg = getattr(model.config, "vision_config", model.config)
+    size = image_size or cfg.image_size
+    extra = {}
+    if hasattr(model, "get_text_features"):
+        extra["encode_text"] = model.get_text_features
+    return LoadedModel(name, model.eval(), make_preprocess(size, mean, std), _embedder(model), size, family, extra)
+
+
+def load_tiny(spec: str, *, image_size: int | None = None) -> LoadedModel:
+    """``tiny:hf-clip`` / ``tiny:hf-siglip`` / ``tiny:hf-dinov2``: small random-initialised vision encoders."""
+    tr = require("transformers")
+    size = image_size or 64
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                  image_size=size, patch_size=8)
+    builders = {
+        "hf-clip": lambda: tr.CLIPVisionModel(tr.CLIPVisionConfig(**common)),
+        "hf-siglip": lambda: tr.SiglipVisionModel(tr.SiglipVisionConfig(**common)),
+        "hf-dinov2": lambda: tr.Dinov2Model(tr.Dinov2Config(**common)),
+    }
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = builders[spec]()
+    return _finish(f"tiny:{spec}", model, size, IMAGENET_MEAN, IMAGENET_STD, "tiny")

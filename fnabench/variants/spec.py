@@ -104,7 +104,8 @@ def _parse_float_or_auto(text: str) -> float | None:
     return None if text == "auto" else float(text)
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A parsed value as it appears in canonical strings."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
@@ -211,13 +212,13 @@ class Component:
     def canonical(self) -> str:
         if not self.params:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in self.params)
+        return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in self.params)
 
     @property
     def short(self) -> str:
         """Only the keys that differ from their defaults: the compact form for tables."""
         keys = COMPONENTS[self.name]
-        diff = [f"{k}={_fmt(v)}" for k, v in self.params if v != keys[k].default or k in _ALWAYS_SHOWN]
+        diff = [f"{k}={format_value(v)}" for k, v in self.params if v != keys[k].default or k in _ALWAYS_SHOWN]
         return self.name + (":" + ",".join(diff) if diff else "")
 
 
