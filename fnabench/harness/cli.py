@@ -1,0 +1,214 @@
+"""The ``fnabench`` command: run sweeps, render leaderboards, publish them, make and check baselines.
+
+User mistakes (bad config, unknown name, missing extra) print one line on stderr and exit 2;
+a sweep with failed cells finishes the others and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .._extras import MissingExtraError
+from ..adapters.loading import ModelLoadError
+from ..tasks.base import TaskError
+from ..variants import SpecError
+from . import config as cfg
+from .records import RecordError, read_records
+from .registry import MODELS, TASKS, VARIANTS, RegistryError
+
+USER_ERRORS = (cfg.ConfigError, SpecError, RegistryError, MissingExtraError, ModelLoadError, TaskError,
+               RecordError, FileNotFoundError)
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A bad command-line argument; one line."""
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a sweep (no CONFIG: the offline default sweep) and print its leaderboard")
+    p.add_argument("config", nargs="?", help="sweep config (TOML); default: the packaged offline sweep")
+    p.add_argument("--out", help="results folder (default: results/<sweep name>)")
+    p.add_argument("--models", nargs="+", help="override the config's models")
+    p.add_argument("--variants", nargs="+", help="override the config's variants")
+    p.add_argument("--tasks", nargs="+", help="override the config's tasks")
+    p.add_argument("--image-size", type=int, nargs="+", dest="image_sizes", help="override image sizes (px)")
+    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=sorted(cfg.DTYPES))
+    p.add_argument("--seed", type=int, nargs="+", dest="seeds")
+    p.add_argument("--timing-repeats", type=int)
+    net = p.add_mutually_exclusive_group()
+    net.add_argument("--offline", dest="offline", action="store_true", default=None,
+                     help="never touch the hub (default in the packaged sweep)")
+    net.add_argument("--online", dest="offline", action="store_false", help="allow hub downloads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
+    p.add_argument("--format", default="github", help="leaderboard format printed at the end")
+
+
+def _add_results_commands(sub) -> None:
+    p = sub.add_parser("leaderboard", help="render the leaderboard of a results folder")
+    p.add_argument("results", nargs="+", help="results folder(s) or record files")
+    p.add_argument("--format", default="github", help="github | latex | html | csv")
+    p.add_argument("--plot", metavar="STEM", help="also write STEM.png and STEM.svg (accuracy vs GFLOPs)")
+    p.add_argument("-o", "--output", help="write the table to this file instead of stdout")
+
+    p = sub.add_parser("publish", help="write a leaderboard folder: table, plot, config and records")
+    p.add_argument("results")
+    p.add_argument("dest", help="e.g. leaderboards/NAME")
+
+    p = sub.add_parser("baseline", help="make a regression baseline from a results folder")
+    p.add_argument("results")
+    p.add_argument("-o", "--output", required=True, help="e.g. baselines/NAME.json")
+    p.add_argument("--tolerance", action="append", default=[], metavar="METRIC=VALUE",
+                   help="absolute tolerance for one metric (repeatable)")
+    p.add_argument("--default-tolerance", type=float, default=0.01)
+    p.add_argument("--speed-tolerance", type=float, default=0.25, help="relative drop allowed in speed-up vs exact")
+    p.add_argument("--flops-tolerance", type=float, default=0.001, help="relative change allowed in GFLOPs")
+
+    p = sub.add_parser("check", help="compare a results folder with a baseline; exit 1 on a regression")
+    p.add_argument("results")
+    p.add_argument("--baseline", required=True)
+
+    p = sub.add_parser("list", help="list registered models, variants or tasks")
+    p.add_argument("what", choices=["models", "variants", "tasks"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fnabench", description=__doc__.splitlines()[0])
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"fnabench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_results_commands(sub)
+    _mount_recall(sub)
+    return parser
+
+
+def _mount_recall(sub) -> None:
+    """``fnabench recall train|eval|plot`` from the recall task suite, when it is present."""
+    try:
+        from ..tasks.recall import cli as recall_cli
+    except ImportError:
+        return
+    p = sub.add_parser("recall", help="symbolic in-context recall suite: train, eval, plot")
+    recall_cli.add_arguments(p.add_subparsers(dest="recall_command", required=True))
+
+
+def cmd_run(args) -> int:
+    from .leaderboard import render
+    from .runner import Runner
+
+    config = cfg.load(args.config)
+    config = cfg.override(config, out=args.out, models=args.models, variants=args.variants, tasks=args.tasks,
+                          image_sizes=args.image_sizes, limit=args.limit, batch_size=args.batch_size,
+                          device=args.device, dtype=args.dtype, seeds=args.seeds,
+                          timing_repeats=args.timing_repeats, offline=args.offline)
+    summary = Runner(config, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr)).run()
+    records = read_records(summary.out)
+    print(render(records, args.format))
+    print(summary.line())
+    return 0 if summary.ok else 1
+
+
+def cmd_leaderboard(args) -> int:
+    from .leaderboard import plot, render
+
+    records = read_records(args.results)
+    text = render(records, args.format)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    else:
+        print(text)
+    if args.plot:
+        for path in plot(records, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from .publish import publish
+
+    command = "fnabench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    dest = publish(args.results, args.dest, command=command)
+    print(f"published {dest}")
+    return 0
+
+
+def _tolerances(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UsageError(f"--tolerance {item!r}: expected METRIC=VALUE with a number, e.g. cos_sim=0.005") \
+                from None
+        if not eq or not name:
+            raise UsageError(f"--tolerance {item!r}: expected METRIC=VALUE")
+    return out
+
+
+def cmd_baseline(args) -> int:
+    from .gate import make_baseline, save_baseline
+
+    baseline = make_baseline(read_records(args.results), tolerances=_tolerances(args.tolerance),
+                             default_tolerance=args.default_tolerance, speed_tolerance=args.speed_tolerance,
+                             flops_tolerance=args.flops_tolerance)
+    path = save_baseline(baseline, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .gate import check, load_baseline
+
+    report = check(read_records(args.results), load_baseline(args.baseline))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_list(args) -> int:
+    registry = {"models": MODELS, "tasks": TASKS, "variants": VARIANTS}[args.what]
+    rows = registry.describe()
+    if args.what == "variants":
+        from ..variants.spec import COMPONENTS, format_value
+
+        for name, keys in COMPONENTS.items():
+            defaults = ", ".join(f"{k}={format_value(p.default)}" for k, p in keys.items()) or "-"
+            print(f"{name:10s} {defaults}")
+        print("\npresets:")
+    width = max((len(k) for k, _ in rows), default=0)
+    for key, help_text in rows:
+        print(f"{key:{width}s}  {help_text}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "publish": cmd_publish, "baseline": cmd_baseline,
+            "check": cmd_check, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "recall":
+            from ..tasks.recall import cli as recall_cli
+
+            return recall_cli.dispatch(args)
+        return COMMANDS[args.command](args)
+    except (*USER_ERRORS, UsageError) as err:
+        print(f"fnabench: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fnabench: interrupted; finished cells are saved, run again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Records: one JSON file per (model, variant, task, settings) cell, written atomically.
+
+A record carries everything needed to trust it later: canonical identity strings, metrics with
+their direction, counted FLOPs, timings with spread, environment and versions, seed, start/end
+time, and the error of a failed cell. The file name is a hash of the cell's identity, so a rerun
+finds finished cells and skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+#: fields every record has, and their JSON types
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema": int,
+    "id": str,
+    "status": str,
+    "model": str,
+    "variant": str,
+    "variant_short": str,
+    "task": str,
+    "settings": dict,
+    "metrics": dict,
+    "primary_metric": (str, type(None)),
+    "higher_is_better": dict,
+    "flops": (dict, type(None)),
+    "timing": (dict, type(None)),
+    "peak_memory_bytes": (int, type(None)),
+    "environment": dict,
+    "seed": int,
+    "started": str,
+    "finished": str,
+    "duration_s": (int, float),
+    "error": (str, type(None)),
+}
+#: settings that are part of a cell's identity
+IDENTITY_SETTINGS = ("image_size", "dtype", "device", "batch_size", "limit", "seed")
+STATUSES = ("ok", "failed")
+
+
+class RecordError(ValueError):
+    """A record file that does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (model, variant, task) under fixed settings: the unit a sweep runs and a record stores."""
+
+    model: str
+    variant: str
+    task: str
+    settings: tuple[tuple[str, Any], ...]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        s = dict(self.settings)
+        return {"model": self.model, "variant": self.variant, "task": self.task,
+                **{k: s.get(k) for k in IDENTITY_SETTINGS}}
+
+    @property
+    def id(self) -> str:
+        """Stable short hash of the identity: the record's file name."""
+        blob = json.dumps(self.identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        return dict(self.settings).get(key, default)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_revision() -> str | None:
+    here = Path(__file__).resolve().parents[2]
+    if not (here / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = out.stdout.strip()
+    return (rev + ("+dirty" if dirty.stdout.strip() else "")) if rev else None
+
+
+_ENV_CACHE: dict[str, Any] = {}
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Device name, Python/torch/host-library/fnabench versions and git revision."""
+    import torch
+
+    if not _ENV_CACHE:
+        _ENV_CACHE.update({
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "versions": {d: _version(d) for d in ("fnabench", "torch", "torchvision", "open_clip_torch", "timm",
+                                                  "transformers", "clip_benchmark", "mmsegmentation",
+                                                  "lmms_eval", "numpy") if _version(d)},
+            "git_revision": _git_revision(),
+        })
+    env = dict(_ENV_CACHE)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        env["device_name"] = platform.processor() or platform.machine() or "cpu"
+    env["device"] = device
+    return env
+
+
+def validate(record: dict[str, Any], source: str = "record") -> dict[str, Any]:
+    """Check a record against the schema; raise :class:`RecordError` naming the first problem."""
+    if not isinstance(record, dict):
+        raise RecordError(f"{source}: a record is a JSON object, got {type(record).__name__}")
+    for key, kind in REQUIRED_FIELDS.items():
+        if key not in record:
+            raise RecordError(f"{source}: missing field {key!r}")
+        if not isinstance(record[key], kind):
+            raise RecordError(f"{source}: field {key!r} has type {type(record[key]).__name__}")
+    if record["schema"] != SCHEMA_VERSION:
+        raise RecordError(f"{source}: schema {record['schema']} (this fnabench reads {SCHEMA_VERSION})")
+    if record["status"] not in STATUSES:
+        raise RecordError(f"{source}: status {record['status']!r}; accepted: {', '.join(STATUSES)}")
+    if record["status"] == "failed" and not record["error"]:
+        raise RecordError(f"{source}: a failed record needs its error text")
+    for name, value in record["metrics"].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise RecordError(f"{source}: metric {name!r} is not a number")
+    if record["flops"] is not None:
+        for key in ("total", "attention"):
+            if not isinstance(record["flops"].get(key), int):
+                raise RecordError(f"{source}: flops.{key} must be an integer FLOP count")
+    if record["timing"] is not None and not isinstance(record["timing"].get("median_s"), (int, float)):
+        raise RecordError(f"{source}: timing.median_s must be a number")
+    return record
+
+
+def write_record(directory: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Validate and write ``record`` as ``<id>.json`` atomically (temp file + rename)."""
+    validate(record)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{record['id']}.json"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{record['id']}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def record_files(path: str | os.PathLike) -> list[Path]:
+    """Record files under ``path`` (a results folder, searched recursively, or one JSON file)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no results at {path}: expected a folder of records or a record file")
+    return sorted(p for p in path.rglob("*.json") if not p.name.startswith(".") and p.name != "baseline.json")
+
+
+def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, strict: bool = True) -> list[dict]:
+    """Load and validate every record under ``paths``; files that are not records are skipped unless strict."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out = []
+    for root in paths:
+        for file in record_files(root):
+            try:
+                data = json.loads(file.read_text())
+                if isinstance(data, dict) and "schema" not in data and not strict:
+                    continue
+                out.append(validate(data, str(file)))
+            except json.JSONDecodeError as err:
+                if strict:
+                    raise RecordError(f"{file}: not valid JSON ({err.msg} at line {err.lineno})") from None
+            except RecordError:
+                if strict:
+                    raise
+    return out
+
+
+def latest_by_cell(records: Iterable[dict]) -> list[dict]:
+    """One record per cell id: the last finished one."""
+    best: dict[str, dict] = {}
+    for rec in records:
+        if rec["id"] not in best or rec["finished"] >= best[rec["id"]]["finished"]:
+            best[rec["id"]] = rec
+    return list(best.values())

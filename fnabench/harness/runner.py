@@ -1,0 +1,206 @@
+"""The sweep runner: every (model, image size, task, variant, seed) cell → one record on disk.
+
+Models load once per image size, tasks prepare once per model with exact attention, FLOPs are
+counted once per (model, variant, input shape), and each cell is written the moment it finishes.
+A crash in one cell is recorded in that cell's record and the sweep goes on; a rerun skips cells
+whose record says ``ok``.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import patch
+from ..adapters.loading import set_offline
+from ..tasks.base import Settings
+from ..variants import parse_variant
+from . import records as rec
+from .config import SweepConfig
+from .measure import count_flops, measure_latency, peak_memory
+from .registry import load_model, make_task
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep did: cells run, skipped (already done) and failed, and where records went."""
+
+    out: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def line(self) -> str:
+        return (f"{len(self.ran)} cells run, {len(self.skipped)} already done, {len(self.failed)} failed; "
+                f"records in {self.out}")
+
+
+def cells(config: SweepConfig) -> list[rec.Cell]:
+    """The grid in run order: grouped by model and image size so each model loads once."""
+    out = []
+    variants = config.canonical_variants()
+    for model in config.models:
+        for size in config.image_sizes:
+            for task in config.tasks:
+                for seed in config.seeds:
+                    for variant in variants:
+                        settings = {"image_size": size, "dtype": config.dtype, "device": config.device,
+                                    "batch_size": config.batch_size, "limit": config.limit, "seed": seed}
+                        out.append(rec.Cell(model, variant, task, tuple(sorted(settings.items()))))
+    return out
+
+
+def _progress_factory(quiet: bool) -> Callable[[Iterable, str, int | None], Iterable]:
+    if quiet:
+        return lambda it, desc, total: it
+    from tqdm.auto import tqdm
+
+    return lambda it, desc, total: tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _failed_record(cell: rec.Cell, started: str, t0: float, err: BaseException, env: dict) -> dict:
+    text = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    record = _base_record(cell, started, t0, env)
+    record.update(status="failed", error=text, traceback=traceback.format_exc(limit=8))
+    return record
+
+
+def _base_record(cell: rec.Cell, started: str, t0: float, env: dict) -> dict:
+    variant = parse_variant(cell.variant)
+    return {
+        "schema": rec.SCHEMA_VERSION, "id": cell.id, "status": "ok", "model": cell.model,
+        "variant": cell.variant, "variant_short": variant.short, "task": cell.task,
+        "settings": dict(cell.settings), "metrics": {}, "primary_metric": None, "higher_is_better": {},
+        "flops": None, "timing": None, "peak_memory_bytes": None, "environment": env,
+        "seed": cell.setting("seed", 0), "started": started, "finished": rec.now(),
+        "duration_s": round(time.perf_counter() - t0, 3), "error": None,
+    }
+
+
+class Runner:
+    """Runs a sweep config into a results folder."""
+
+    def __init__(self, config: SweepConfig, *, quiet: bool = False, log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.quiet = quiet
+        self.log = log
+        self.out = config.output_dir()
+        self._flops: dict[tuple, dict] = {}
+
+    def run(self) -> SweepSummary:
+        """Run every cell without an ``ok`` record; write each record as it finishes."""
+        config = self.config
+        set_offline(config.offline)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._save_config()
+        summary = SweepSummary(self.out)
+        done = {r["id"] for r in rec.read_records(self.out, strict=False) if r["status"] == "ok"}
+        todo = [c for c in cells(config) if c.id not in done]
+        summary.skipped = [c.id for c in cells(config) if c.id in done]
+        progress = _progress_factory(self.quiet)
+        bar = progress(todo, f"sweep {config.name}", len(todo))
+        groups: dict[tuple, list[rec.Cell]] = {}
+        for cell in todo:
+            groups.setdefault((cell.model, cell.setting("image_size")), []).append(cell)
+        env = rec.environment(config.device)
+        bar_iter = iter(bar)
+        for (model_name, size), group in groups.items():
+            self._run_model(model_name, size, group, env, summary, progress, bar_iter)
+        return summary
+
+    def _save_config(self) -> None:
+        src = self.config.source
+        target = self.out / "sweep.toml"
+        if src and Path(src).is_file():
+            target.write_text(Path(src).read_text())
+        elif src:  # the packaged default
+            from importlib import resources
+
+            target.write_text(resources.files("fnabench.harness").joinpath("default_sweep.toml").read_text())
+
+    def _run_model(self, model_name, size, group, env, summary, progress, bar_iter) -> None:
+        t0, started = time.perf_counter(), rec.now()
+        try:
+            loaded = load_model(model_name, image_size=size).to(self.config.device, self.config.torch_dtype)
+        except Exception as err:  # every cell of this model fails with the load error, the sweep goes on
+            for cell in group:
+                next(bar_iter, None)
+                self._write(_failed_record(cell, started, t0, err, env), summary)
+            return
+        prepared: dict[tuple, Any] = {}
+        for cell in group:
+            next(bar_iter, None)
+            t0, started = time.perf_counter(), rec.now()
+            try:
+                settings = self._settings(cell, progress)
+                torch.manual_seed(settings.seed)
+                key = (cell.task, settings.seed)
+                if key not in prepared:
+                    task = make_task(cell.task, self.config.task_options.get(cell.task))
+                    prepared[key] = (task, task.prepare(loaded, settings))
+                task, data = prepared[key]
+                record = self._run_cell(cell, loaded, task, data, settings, started, t0, env)
+            except Exception as err:
+                record = _failed_record(cell, started, t0, err, env)
+            self._write(record, summary)
+
+    def _settings(self, cell: rec.Cell, progress) -> Settings:
+        return Settings(image_size=cell.setting("image_size"), batch_size=self.config.batch_size,
+                        device=self.config.device, dtype=self.config.torch_dtype, limit=self.config.limit,
+                        seed=cell.setting("seed", 0), quiet=self.quiet, progress=progress)
+
+    def _run_cell(self, cell, loaded, task, data, settings, started, t0, env) -> dict:
+        variant = parse_variant(cell.variant)
+        with patch(loaded.model, variant):
+            batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
+            flops = self._count(cell, loaded, batch[:1])
+            timing = self._time(loaded, batch, settings)
+            memory = peak_memory(lambda: loaded.embed(batch), device=settings.device)
+            torch.manual_seed(settings.seed)
+            metrics = task.evaluate(loaded, data, settings)
+        record = _base_record(cell, started, t0, env)
+        record.update(metrics={k: float(v) for k, v in metrics.items()}, primary_metric=task.primary,
+                      higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
+                      peak_memory_bytes=int(memory), image_size=loaded.image_size)
+        record["finished"] = rec.now()
+        record["duration_s"] = round(time.perf_counter() - t0, 3)
+        return record
+
+    def _count(self, cell: rec.Cell, loaded, one: torch.Tensor) -> dict:
+        key = (cell.model, cell.variant, tuple(one.shape), str(one.dtype))
+        if key not in self._flops:
+            counted = count_flops(loaded.embed, one)
+            self._flops[key] = {"total": counted.total, "attention": counted.attention,
+                                "gflops": counted.total / 1e9, "attention_gflops": counted.attention / 1e9,
+                                "input_shape": list(one.shape), "per": "image"}
+        return self._flops[key]
+
+    def _time(self, loaded, batch: torch.Tensor, settings: Settings) -> dict:
+        lat = measure_latency(lambda: loaded.embed(batch), warmup=self.config.timing_warmup,
+                              repeats=self.config.timing_repeats, device=settings.device)
+        return {**lat.as_dict(), "batch_size": int(batch.shape[0]),
+                "images_per_s": lat.throughput(int(batch.shape[0]))}
+
+    def _write(self, record: dict, summary: SweepSummary) -> None:
+        rec.write_record(self.out, record)
+        (summary.ran if record["status"] == "ok" else summary.failed).append(
+            record["id"] if record["status"] == "ok" else (record["id"], record["error"]))
+        if record["status"] != "ok":
+            self.log(f"cell failed: {record['model']} | {record['variant_short']} | {record['task']}: "
+                     f"{record['error']}")
+
+
+def run_sweep(config: SweepConfig, *, quiet: bool = False) -> SweepSummary:
+    """Run ``config`` into its output folder; returns what ran, what was skipped and what failed."""
+    return Runner(config, quiet=quiet).run()
+

@@ -1,0 +1,156 @@
+"""The sweep end to end through the CLI: records, resumption, failed cells, bad configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fnabench.harness import records as rec
+from fnabench.harness.cli import main
+from fnabench.harness.config import ConfigError, from_dict
+from fnabench.harness.runner import Runner
+
+pytest.importorskip("timm")
+
+TINY_SWEEP = """
+name = "tiny"
+models = ["tiny:vit"]
+image_sizes = [32]
+tasks = ["fidelity:synthetic"]
+variants = ["fna:m=4,layers=-2:", "exact", "nystrom:m=4"]
+limit = 4
+batch_size = 2
+timing_repeats = 1
+"""
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(TINY_SWEEP)
+    return path
+
+
+def test_tiny_sweep_end_to_end(sweep, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(sweep), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "fidelity:synthetic" in printed and "tiny:vit @32px" in printed
+    assert "3 cells run, 0 already done, 0 failed" in printed
+    records = rec.read_records(out)  # validates every record against the schema
+    assert len(records) == 3 and {r["status"] for r in records} == {"ok"}
+    by_variant = {r["variant_short"]: r for r in records}
+    exact = by_variant["exact"]
+    assert exact["metrics"]["cos_sim"] == pytest.approx(1.0, abs=1e-6)
+    assert exact["metrics"]["rel_err"] < 1e-5
+    fna = by_variant["fna:layers=-2:,m=4"]
+    assert 0 < fna["metrics"]["rel_err"] < 1
+    assert fna["flops"]["total"] > 0 and fna["timing"]["median_s"] > 0 and fna["peak_memory_bytes"] >= 0
+    assert exact["environment"]["versions"]["torch"]
+    assert (out / "sweep.toml").read_text() == TINY_SWEEP
+    for r in records:
+        assert (out / f"{r['id']}.json").is_file()
+
+
+def test_resume_computes_only_missing_cells(sweep, tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    from fnabench.harness import config as cfg
+
+    config = cfg.override(cfg.load(sweep), out=str(out))
+    first = Runner(config, quiet=True).run()
+    assert len(first.ran) == 3
+    kept = sorted(out.glob("*.json"))[0]
+    for f in out.glob("*.json"):
+        if f != kept:
+            f.unlink()
+    before = json.loads(kept.read_text())
+    second = Runner(config, quiet=True).run()
+    assert len(second.ran) == 2 and second.skipped == [before["id"]]
+    assert json.loads(kept.read_text()) == before  # the finished cell was not touched
+    third = Runner(config, quiet=True).run()
+    assert third.ran == [] and len(third.skipped) == 3
+
+
+def test_failing_cell_is_recorded_and_sweep_goes_on(sweep, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["run", str(sweep), "--out", str(out), "--quiet",
+                 "--variants", "exact", "fna:m=4,tower=text", "fna:m=4"])
+    assert code == 1
+    records = {r["variant_short"]: r for r in rec.read_records(out)}
+    assert records["exact"]["status"] == "ok" and records["fna:m=4"]["status"] == "ok"
+    failed = records["fna:m=4,tower=text"]
+    assert failed["status"] == "failed" and "text" in failed["error"] and "\n" not in failed["error"]
+    captured = capsys.readouterr()
+    assert "1 failed" in captured.out and "cell failed" in captured.err
+    # the failed cell is retried on the next run, the good ones are not
+    summary = Runner(from_dict({**_tiny_dict(), "variants": ["exact", "fna:m=4,tower=text"], "out": str(out)}),
+                     quiet=True).run()
+    assert len(summary.failed) == 1 and len(summary.skipped) == 1
+
+
+def _tiny_dict():
+    from fnabench.harness.config import tomllib
+
+    return tomllib.loads(TINY_SWEEP)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("models = ['tiny:vit']\ntasks = ['fidelity:images']\nbogus = 1\n", "unknown config key 'bogus'"),
+        ("models = ['tiny:vit']\ntasks = ['fidelity:images']\nvariants = ['fna:m=0']\n", "bad value '0'"),
+        ("models = ['tiny:vit']\ntasks = ['nope:x']\n", "unknown task 'nope:x'; accepted:"),
+        ("models = ['nope:x']\ntasks = ['fidelity:images']\n", "unknown model 'nope:x'; accepted:"),
+        ("models = ['tiny:vit'\n", "invalid TOML"),
+        ("models = ['tiny:vit']\ntasks = ['fidelity:images']\ndtype = 'int8'\n", "accepted: float32"),
+        ("tasks = ['fidelity:images']\n", "no models"),
+    ],
+)
+def test_bad_configs_exit_2_with_one_line(tmp_path, capsys, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["run", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing ran
+
+
+def test_cli_flags_override_config(sweep):
+    from fnabench.harness import config as cfg
+
+    config = cfg.override(cfg.load(sweep), limit=2, device="cpu", dtype="bfloat16", out="x")
+    assert (config.limit, config.dtype, config.out) == (2, "bfloat16", "x")
+    with pytest.raises(ConfigError, match="limit must be"):
+        cfg.override(config, limit=0)
+
+
+def test_list_and_leaderboard_commands(sweep, tmp_path, capsys):
+    assert main(["list", "variants"]) == 0
+    assert "fna" in capsys.readouterr().out
+    assert main(["list", "models"]) == 0
+    assert "tiny:vit" in capsys.readouterr().out
+    out = tmp_path / "results"
+    main(["run", str(sweep), "--out", str(out), "--quiet", "--variants", "exact"])
+    capsys.readouterr()
+    assert main(["leaderboard", str(out), "--format", "csv"]) == 0
+    assert "cos_sim" in capsys.readouterr().out
+    assert main(["leaderboard", str(tmp_path / "missing")]) == 2
+
+
+def test_baseline_and_check_through_cli(sweep, tmp_path, capsys):
+    out = tmp_path / "results"
+    main(["run", str(sweep), "--out", str(out), "--quiet"])
+    base = tmp_path / "base.json"
+    assert main(["baseline", str(out), "-o", str(base), "--speed-tolerance", "10"]) == 0
+    assert main(["check", str(out), "--baseline", str(base)]) == 0
+    data = json.loads(base.read_text())
+    # lower the recorded metric of one cell: check must fail with a table of what moved
+    victim = next(p for p in out.glob("*.json") if json.loads(p.read_text())["variant"].startswith("fna"))
+    record = json.loads(victim.read_text())
+    record["metrics"]["cos_sim"] -= 0.5
+    victim.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["check", str(out), "--baseline", str(base)]) == 1
+    assert "cos_sim" in capsys.readouterr().out
+    assert data  # the baseline is real JSON
