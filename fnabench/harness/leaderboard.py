@@ -1,0 +1,445 @@
+"""Leaderboards: records aggregated into accuracy-vs-GFLOPs tables (markdown, LaTeX, HTML, CSV) and plots.
+
+One table per task; one row per model × variant cell (the latest record of each cell). Each row shows
+the task's metrics (primary first), counted GFLOPs (2 × multiply-adds), attention GFLOPs, the change
+of the primary metric against the ``exact`` row of the same model and settings, the speed-up against
+that row (exact median latency / variant median latency, same settings), images/s, and a ★ on rows
+on the task's accuracy-vs-GFLOPs Pareto front. Failed cells stay in the table with their error.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from .records import latest_by_cell
+
+#: the canonical reference variant; any "exact:..." variant without "+" also counts as exact
+EXACT_REFERENCE = "exact:impl=sdpa"
+PARETO_MARK = "★"
+MISSING = "—"
+FORMATS = ("github", "markdown", "latex", "html", "csv")
+GFLOPS_HEADER = "GFLOPs (2×MAC)"
+ATTN_GFLOPS_HEADER = "attn GFLOPs (2×MAC)"
+SPEEDUP_HEADER = "speed-up vs exact"
+IMAGES_HEADER = "images/s"
+PARETO_HEADER = "Pareto"
+#: settings that, when they differ between rows of one task, are added to the model label
+_LABEL_SETTINGS = ("dtype", "device", "batch_size", "limit", "seed")
+#: settings a variant must share with its exact reference (everything in a cell's identity but the variant)
+_MATCH_SETTINGS = ("image_size", "dtype", "device", "batch_size", "limit", "seed")
+_ERROR_WIDTH = 100
+
+
+def is_exact(variant: str) -> bool:
+    """Whether a canonical variant string is exact attention (``exact`` or ``exact:...`` without ``+``)."""
+    return variant == "exact" or (variant.startswith("exact:") and "+" not in variant)
+
+
+def fmt_number(value: float | None, digits: int = 4, sign: bool = False) -> str:
+    """A number with ``digits`` significant digits (integers kept whole from 10**digits up); ``—`` if missing."""
+    if value is None:
+        return MISSING
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "+0" if sign else "0"
+    plus = "+" if sign else ""
+    if abs(value) >= 10**digits:
+        return f"{value:{plus}.0f}"
+    return f"{value:{plus}.{digits}g}"
+
+
+def pareto_front(points: Sequence[tuple[float, float] | None], higher_is_better: bool = True) -> list[bool]:
+    """Which (cost, score) points no other point dominates (cost no higher and score no worse, one strictly).
+
+    ``None`` points (no cost or no score) are never on the front. Identical points are all on it.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    pts = [None if p is None else (float(p[0]), sign * float(p[1])) for p in points]
+    out = []
+    for i, p in enumerate(pts):
+        if p is None or not all(math.isfinite(x) for x in p):
+            out.append(False)
+            continue
+        dominated = any(
+            q is not None and j != i and all(math.isfinite(x) for x in q)
+            and q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1])
+            for j, q in enumerate(pts)
+        )
+        out.append(not dominated)
+    return out
+
+
+@dataclass
+class Table:
+    """One task's leaderboard: display rows (strings) plus raw values and per-row flags."""
+
+    task: str
+    primary: str | None
+    higher_is_better: bool
+    metrics: list[str]
+    headers: list[str]
+    rows: list[list[str]]
+    pareto: list[bool] = field(default_factory=list)
+    failed: list[bool] = field(default_factory=list)
+    exact: list[bool] = field(default_factory=list)
+    #: per row: raw numbers and identity (model, image_size, variant, metric values, gflops, delta, speedup, ...)
+    values: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        """The heading line: task, primary metric and its direction."""
+        if self.primary is None:
+            return f"{self.task} (no metrics)"
+        direction = "higher is better" if self.higher_is_better else "lower is better"
+        return f"{self.task} — primary metric: {self.primary} ({direction})"
+
+
+def _image_size(rec: dict) -> Any:
+    return rec["settings"].get("image_size")
+
+
+def reference_key(rec: dict) -> tuple:
+    """What a variant shares with its exact reference: model, task and every identity setting."""
+    return (rec["model"], rec["task"], *(repr(rec["settings"].get(k)) for k in _MATCH_SETTINGS))
+
+
+def _first_line(text: str | None) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else "unknown error"
+    return line if len(line) <= _ERROR_WIDTH else line[: _ERROR_WIDTH - 1] + "…"
+
+
+def _primary_of(recs: list[dict]) -> tuple[str | None, bool]:
+    names = Counter(r["primary_metric"] for r in recs if r["primary_metric"] and r["status"] == "ok")
+    names = names or Counter(r["primary_metric"] for r in recs if r["primary_metric"])
+    if names:
+        primary = sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    else:
+        metric_names = sorted({m for r in recs for m in r["metrics"]})
+        primary = metric_names[0] if metric_names else None
+    higher = True
+    for r in recs:
+        if primary in r["higher_is_better"]:
+            higher = bool(r["higher_is_better"][primary])
+            break
+    return primary, higher
+
+
+def _directions(recs: list[dict]) -> dict[str, bool]:
+    out: dict[str, bool] = {}
+    for r in recs:
+        for k, v in r["higher_is_better"].items():
+            out.setdefault(k, bool(v))
+    return out
+
+
+def _label(rec: dict, varying: Sequence[str]) -> str:
+    label = rec["model"]
+    size = _image_size(rec)
+    if size is not None:
+        label += f" @{size}px"
+    extra = [f"{k}={rec['settings'].get(k)}" for k in varying]
+    if extra:
+        label += f" ({', '.join(extra)})"
+    return label
+
+
+def exact_references(recs: Iterable[dict]) -> dict[tuple, dict]:
+    """The ok exact record per :func:`reference_key`: ``exact:impl=sdpa`` when there, else the first exact by name."""
+    refs: dict[tuple, dict] = {}
+    for r in sorted(recs, key=lambda r: (r["variant"] != EXACT_REFERENCE, r["variant"])):
+        if r["status"] == "ok" and is_exact(r["variant"]):
+            refs.setdefault(reference_key(r), r)
+    return refs
+
+
+def _gflops(rec: dict, key: str = "total") -> float | None:
+    flops = rec.get("flops")
+    if rec["status"] != "ok" or not flops or flops.get(key) is None:
+        return None
+    return flops[key] / 1e9
+
+
+def _median(rec: dict) -> float | None:
+    timing = rec.get("timing")
+    if rec["status"] != "ok" or not timing:
+        return None
+    median = timing.get("median_s")
+    return float(median) if isinstance(median, (int, float)) and median > 0 else None
+
+
+def speedup(rec: dict, ref: dict | None) -> float | None:
+    """Exact median latency / variant median latency, or None when either lacks timing."""
+    if ref is None:
+        return None
+    a, b = _median(ref), _median(rec)
+    return None if a is None or b is None else a / b
+
+
+def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -> Table:
+    primary, higher = _primary_of(recs)
+    directions = _directions(recs)
+    names = sorted({m for r in recs for m in r["metrics"]} - {primary})
+    if metrics_filter is not None:
+        names = [m for m in names if m in metrics_filter]
+    metrics = ([primary] if primary else []) + names
+    varying = [k for k in _LABEL_SETTINGS if len({repr(r["settings"].get(k)) for r in recs}) > 1]
+    refs = exact_references(recs)
+
+    def order(r: dict) -> tuple:
+        g = _gflops(r)
+        size = _image_size(r)
+        return (r["model"], size if isinstance(size, (int, float)) else math.inf, _label(r, varying),
+                not is_exact(r["variant"]), r["status"] != "ok", -g if g is not None else math.inf, r["variant"])
+
+    recs = sorted(recs, key=order)
+    points = []
+    for r in recs:
+        g, v = _gflops(r), r["metrics"].get(primary) if primary else None
+        points.append(None if r["status"] != "ok" or g is None or v is None else (g, v))
+    front = pareto_front(points, higher)
+    any_failed = any(r["status"] != "ok" for r in recs)
+
+    def arrow(m: str) -> str:
+        return "" if m not in directions else (" ↑" if directions[m] else " ↓")
+
+    headers = ["model", "variant", *(m + arrow(m) for m in metrics), GFLOPS_HEADER, ATTN_GFLOPS_HEADER,
+               f"Δ {primary} vs exact" if primary else "Δ vs exact", SPEEDUP_HEADER, IMAGES_HEADER, PARETO_HEADER]
+    if any_failed:
+        headers.append("error")
+    table = Table(task=task, primary=primary, higher_is_better=higher, metrics=metrics, headers=headers, rows=[])
+    for r, on_front in zip(recs, front, strict=True):
+        ok = r["status"] == "ok"
+        ref = refs.get(reference_key(r))
+        exact_row = ref is r
+        value = r["metrics"].get(primary) if primary and ok else None
+        ref_value = ref["metrics"].get(primary) if ref is not None and primary else None
+        delta = value - ref_value if ok and value is not None and ref_value is not None else None
+        spd = speedup(r, ref) if ok else None
+        timing = r.get("timing") or {}
+        ips = timing.get("images_per_s") if ok else None
+        raw = {
+            "model": _label(r, varying), "model_name": r["model"], "image_size": _image_size(r),
+            "variant": r["variant_short"], "variant_spec": r["variant"], "status": r["status"], "id": r["id"],
+            "metrics": {m: r["metrics"].get(m) for m in metrics} if ok else {},
+            "gflops": _gflops(r), "attention_gflops": _gflops(r, "attention"), "delta": delta, "speedup": spd,
+            "images_per_s": ips, "median_s": _median(r), "pareto": on_front, "exact": exact_row,
+            "error": None if ok else _first_line(r["error"]),
+        }
+        if ok:
+            cells = [fmt_number(raw["metrics"][m]) for m in metrics]
+            cells += [fmt_number(raw["gflops"]), fmt_number(raw["attention_gflops"]),
+                      "ref" if exact_row else fmt_number(delta, sign=True),
+                      "ref" if exact_row else (f"{spd:.2f}×" if spd is not None else MISSING),
+                      fmt_number(ips), PARETO_MARK if on_front else ""]
+        else:
+            cells = ["failed", *([""] * (len(metrics) - 1))] if metrics else []
+            cells += [""] * 6
+        row = [raw["model"], r["variant_short"], *cells]
+        if any_failed:
+            row.append("" if ok else raw["error"])
+        table.rows.append(row)
+        table.pareto.append(on_front)
+        table.failed.append(not ok)
+        table.exact.append(exact_row)
+        table.values.append(raw)
+    if not metrics:  # every cell failed and none reported metrics: keep the "failed" marker visible
+        table.headers.insert(2, "status")
+        for row, failed in zip(table.rows, table.failed, strict=True):
+            row.insert(2, "failed" if failed else "ok")
+    return table
+
+
+def build_tables(records: Iterable[dict], *, metrics: Iterable[str] | None = None) -> list[Table]:
+    """One :class:`Table` per task (sorted by task name) from the latest record of every cell.
+
+    ``metrics`` limits the secondary metric columns to those names (the primary metric is always shown).
+    """
+    latest = latest_by_cell(records)
+    by_task: dict[str, list[dict]] = {}
+    for r in latest:
+        by_task.setdefault(r["task"], []).append(r)
+    wanted = set(metrics) if metrics is not None else None
+    return [_build_table(task, by_task[task], wanted) for task in sorted(by_task)]
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_UNICODE = {"×": r"$\times$", "★": r"$\star$", "Δ": r"$\Delta$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
+                  "—": "--", "…": r"\ldots{}"}
+
+
+def _latex(text: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+    for k, v in _LATEX_UNICODE.items():
+        out = out.replace(k, v)
+    return out
+
+
+def _colalign(table: Table) -> tuple[str, ...]:
+    text_cols = {"model", "variant", "error", "status"}
+    return tuple("left" if h in text_cols else ("center" if h == PARETO_HEADER else "right") for h in table.headers)
+
+
+def _csv(tables: list[Table]) -> str:
+    metric_cols: list[str] = []
+    for t in tables:
+        metric_cols += [m for m in t.metrics if m not in metric_cols]
+    headers = ["task", "primary_metric", "higher_is_better", "model", "image_size", "variant", "variant_spec",
+               "status", *metric_cols, "gflops", "attention_gflops", "delta_primary_vs_exact", "speedup_vs_exact",
+               "images_per_s", "median_s", "pareto", "error"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(headers)
+
+    def cell(v: Any) -> Any:
+        if isinstance(v, float) and math.isfinite(v):
+            return float(f"{v:.12g}")  # drop float noise such as 0.1 - 0.09 = 0.010000000000000009
+        return "" if v is None else v
+
+    for t in tables:
+        for v in t.values:
+            writer.writerow([t.task, cell(t.primary), t.higher_is_better, v["model_name"], cell(v["image_size"]),
+                             v["variant"], v["variant_spec"], v["status"],
+                             *(cell(v["metrics"].get(m)) for m in metric_cols),
+                             cell(v["gflops"]), cell(v["attention_gflops"]), cell(v["delta"]), cell(v["speedup"]),
+                             cell(v["images_per_s"]), cell(v["median_s"]), v["pareto"], cell(v["error"])])
+    return buf.getvalue()
+
+
+def render_table(table: Table, fmt: str = "github") -> str:
+    """One table with its heading line, in ``fmt`` (github/markdown, latex, html; csv has no headings)."""
+    fmt = _check_format(fmt)
+    if fmt == "csv":
+        return _csv([table])
+    if fmt in ("github", "markdown"):
+        rows = [[c.replace("|", "\\|") for c in row] for row in table.rows]
+        body = tabulate(rows, headers=table.headers, tablefmt="pipe", disable_numparse=True,
+                        colalign=_colalign(table))
+        return f"### {table.title}\n\n{body}\n"
+    if fmt == "latex":
+        rows = [[_latex(c) for c in row] for row in table.rows]
+        body = tabulate(rows, headers=[_latex(h) for h in table.headers], tablefmt="latex_raw",
+                        disable_numparse=True, colalign=_colalign(table))
+        return f"\\subsection*{{{_latex(table.title)}}}\n{body}\n"
+    body = tabulate(table.rows, headers=table.headers, tablefmt="html", disable_numparse=True,
+                    colalign=_colalign(table))
+    title = table.title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return f"<h3>{title}</h3>\n{body}\n"
+
+
+def _check_format(fmt: str) -> str:
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown leaderboard format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    return fmt
+
+
+def render(records: Iterable[dict], fmt: str = "github", *, metrics: Iterable[str] | None = None) -> str:
+    """All task tables in ``fmt``, each under a heading naming the task and its metric's direction.
+
+    ``csv`` is one table for all tasks (task, primary metric and direction are columns) so it parses as CSV.
+    """
+    fmt = _check_format(fmt)
+    tables = build_tables(records, metrics=metrics)
+    if fmt == "csv":
+        return _csv(tables)
+    if not tables:
+        return "(no records)\n"
+    return "\n".join(render_table(t, fmt) for t in tables)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "task"
+
+
+def _draw(ax: Any, table: Table) -> bool:
+    """Draw one task's accuracy-vs-GFLOPs panel; False when nothing had both numbers."""
+    markers = "osD^vP*Xhp<>"
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for v in table.values:
+        y = v["metrics"].get(table.primary) if table.primary else None
+        if v["status"] == "ok" and v["gflops"] is not None and y is not None:
+            series.setdefault(v["model"], []).append((v["gflops"], float(y), v["variant"]))
+    if not series:
+        ax.text(0.5, 0.5, "no records with GFLOPs and a primary metric", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_title(table.task)
+        return False
+    for i, (model, pts) in enumerate(series.items()):
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.scatter(xs, ys, marker=markers[i % len(markers)], label=model, zorder=3)
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = sorted(((v["gflops"], float(v["metrics"][table.primary])) for v in table.values if v["pareto"]),
+                   key=lambda p: (p[0], -p[1] if table.higher_is_better else p[1]))
+    if front:
+        fx, fy = [p[0] for p in front], [p[1] for p in front]
+        ax.step(fx, fy, where="post", color="0.4", linestyle="--", linewidth=1, label="Pareto front", zorder=2)
+    ax.set_xlabel(GFLOPS_HEADER.replace("GFLOPs", "GFLOPs per forward"))
+    ax.set_ylabel(f"{table.primary} ({'higher' if table.higher_is_better else 'lower'} is better)")
+    ax.set_title(table.task)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return True
+
+
+def _save(fig: Any, stem: Path) -> list[Path]:
+    import matplotlib
+
+    paths = []
+    with matplotlib.rc_context({"svg.hashsalt": "fnabench", "svg.fonttype": "path"}):
+        for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
+            path = stem.with_name(stem.name + f".{ext}")
+            fig.savefig(path, format=ext, metadata=meta, dpi=150 if ext == "png" else None, bbox_inches="tight")
+            paths.append(path)
+    return paths
+
+
+def plot(records: Iterable[dict], out_stem: str | Path) -> list[Path]:
+    """Write accuracy(primary)-vs-GFLOPs PNG and SVG: ``STEM.png/.svg`` with one panel per task, and
+    ``STEM-<task>.png/.svg`` per task when there are several; one marker per model, variants labelled,
+    the Pareto front as a step line. Needs matplotlib (Agg, no pyplot state touched)."""
+    from fnabench._extras import require
+
+    require("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tables = build_tables(records)
+    stem = Path(out_stem)
+    if stem.suffix.lower() in (".png", ".svg"):
+        stem = stem.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    n = max(len(tables), 1)
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(6.4 * cols, 4.8 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, table in zip(axes, tables, strict=False):
+        _draw(ax, table)
+    for ax in axes[len(tables):]:
+        ax.set_axis_off()
+    if not tables:
+        axes[0].text(0.5, 0.5, "no records", ha="center", va="center")
+    paths += _save(fig, stem)
+    if len(tables) > 1:
+        for table in tables:
+            fig = Figure(figsize=(6.4, 4.8))
+            FigureCanvasAgg(fig)
+            _draw(fig.subplots(), table)
+            paths += _save(fig, stem.with_name(f"{stem.name}-{_slug(table.task)}"))
+    return paths

@@ -1,0 +1,337 @@
+"""Leaderboards from hand-built records: golden table, Pareto marks, Δ and speed-up, failed cells, formats, plots,
+publishing. No models are loaded. Regenerate the golden file with FNABENCH_UPDATE_GOLDEN=1."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from fnabench.harness import records as rec_io
+from fnabench.harness.leaderboard import (
+    GFLOPS_HEADER,
+    PARETO_MARK,
+    build_tables,
+    fmt_number,
+    is_exact,
+    pareto_front,
+    plot,
+    render,
+)
+from fnabench.harness.publish import publish
+from fnabench.testing import make_record
+
+GOLDEN = Path(__file__).parent / "golden" / "leaderboard.md"
+REL_TOL = 2e-3  # displayed numbers carry 4 significant digits: allow a flip of the last one
+
+
+def sample_records() -> list[dict]:
+    """Two tasks, two models, two image sizes, a dtype that only one cell uses, a failed cell, a superseded record."""
+    knn = dict(task="knn:digits", metrics=None, higher_is_better={"top1": True, "top5": True}, primary_metric="top1")
+    fid = dict(task="fidelity:images", primary_metric="rel_err", higher_is_better={"rel_err": False, "cosine": True})
+    out = [
+        make_record("timm:vit_small", "exact:impl=sdpa", **{**knn, "metrics": {"top1": 0.9123, "top5": 0.9901}},
+                    gflops=4.6123, attention_gflops=0.8123, median_s=0.100),
+        make_record("timm:vit_small", "fna:layers=-6:,m=64", variant_short="fna:layers=-6:,m=64",
+                    **{**knn, "metrics": {"top1": 0.9051, "top5": 0.9877}}, gflops=4.1011, attention_gflops=0.3011,
+                    median_s=0.080),
+        make_record("timm:vit_small", "fna:layers=-6:,m=16", **{**knn, "metrics": {"top1": 0.8702, "top5": 0.9702}},
+                    gflops=3.9523, attention_gflops=0.1523, median_s=0.0625),
+        # dominated: more GFLOPs and lower accuracy than fna m=64
+        make_record("timm:vit_small", "nystrom:layers=-6:,m=64", **{**knn, "metrics": {"top1": 0.8811, "top5": 0.98}},
+                    gflops=4.2345, attention_gflops=0.4345, median_s=0.090),
+        make_record("timm:vit_small", "mask:tokens=artifact", **knn, status="failed",
+                    error="RuntimeError: no artifact tokens | found\nTraceback (most recent call last): ..."),
+        # the same model at another image size: its own exact reference
+        make_record("timm:vit_small", "exact:impl=sdpa", **{**knn, "metrics": {"top1": 0.9301, "top5": 0.9912}},
+                    gflops=18.45, attention_gflops=5.123, median_s=0.400, image_size=448),
+        make_record("timm:vit_small", "fna:layers=-6:,m=64", variant_short="fna:layers=-6:,m=64",
+                    **{**knn, "metrics": {"top1": 0.9255, "top5": 0.9903}}, gflops=13.61, attention_gflops=0.6512,
+                    median_s=0.200, image_size=448),
+        # a half-precision cell without an exact of its own: no Δ, no speed-up
+        make_record("timm:vit_small", "fna:layers=-6:,m=64", variant_short="fna:layers=-6:,m=64",
+                    **{**knn, "metrics": {"top1": 0.9049, "top5": 0.9876}}, gflops=4.1011, attention_gflops=0.3011,
+                    median_s=0.050, dtype="bfloat16"),
+        make_record("tiny:vit", "exact:impl=sdpa", **fid, metrics={"rel_err": 0.0, "cosine": 1.0}, gflops=0.01234,
+                    image_size=32, median_s=0.002),
+        make_record("tiny:vit", "fna:m=16", **fid, metrics={"rel_err": 0.04321, "cosine": 0.9987}, gflops=0.01012,
+                    image_size=32, median_s=0.0016),
+        make_record("tiny:vit", "fna:m=16+mask", **fid, metrics={"rel_err": 0.03012, "cosine": 0.9991},
+                    gflops=0.01012, image_size=32, median_s=0.0018),
+    ]
+    # an older record of a cell that was rerun: only the newest may show
+    old = make_record("tiny:vit", "fna:m=16", **fid, metrics={"rel_err": 0.5, "cosine": 0.5}, gflops=0.01012,
+                      image_size=32, finished="2024-12-31T00:00:00+00:00")
+    return [old, *out]
+
+
+# ---------------------------------------------------------------------------------------------- golden comparison
+
+_NUM = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)(×?)$")
+
+
+def _split_row(line: str) -> list[str]:
+    cells = re.split(r"(?<!\\)\|", line.strip())
+    return [c.strip() for c in cells[1:-1]]
+
+
+def compare_markdown(actual: str, expected: str, rel_tol: float = REL_TOL) -> list[str]:
+    """Differences between two rendered markdown leaderboards, cell by cell; numbers within ``rel_tol``."""
+    diffs = []
+    a_lines, e_lines = actual.strip().splitlines(), expected.strip().splitlines()
+    if len(a_lines) != len(e_lines):
+        diffs.append(f"{len(a_lines)} lines, expected {len(e_lines)}")
+    for n, (a, e) in enumerate(zip(a_lines, e_lines, strict=False), 1):
+        if not (a.startswith("|") and e.startswith("|")):
+            if a.strip() != e.strip():
+                diffs.append(f"line {n}: {a!r} != {e!r}")
+            continue
+        a_cells, e_cells = _split_row(a), _split_row(e)
+        if len(a_cells) != len(e_cells):
+            diffs.append(f"line {n}: {len(a_cells)} cells, expected {len(e_cells)}")
+            continue
+        for col, (x, y) in enumerate(zip(a_cells, e_cells, strict=True), 1):
+            mx, my = _NUM.match(x), _NUM.match(y)
+            if mx and my and mx.group(2) == my.group(2):
+                if not math.isclose(float(mx.group(1)), float(my.group(1)), rel_tol=rel_tol, abs_tol=1e-12):
+                    diffs.append(f"line {n} col {col}: {x} != {y} (rel tol {rel_tol})")
+            elif x != y:
+                diffs.append(f"line {n} col {col}: {x!r} != {y!r}")
+    return diffs
+
+
+def test_golden_github_table():
+    actual = render(sample_records(), "github")
+    if os.environ.get("FNABENCH_UPDATE_GOLDEN") == "1" or not GOLDEN.exists():
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(actual)
+        if os.environ.get("FNABENCH_UPDATE_GOLDEN") != "1":
+            pytest.fail(f"golden file {GOLDEN} was missing and has been written; check it in and rerun")
+    diffs = compare_markdown(actual, GOLDEN.read_text())
+    assert not diffs, "leaderboard differs from golden file (FNABENCH_UPDATE_GOLDEN=1 regenerates it):\n" + \
+        "\n".join(diffs)
+
+
+def test_golden_comparison_tolerates_rounding_but_not_changes():
+    golden = GOLDEN.read_text() if GOLDEN.exists() else render(sample_records())
+    assert golden.count(" 0.9051 ") == 1 and "1.25×" in golden
+    assert compare_markdown(golden.replace(" 0.9051 ", " 0.9052 "), golden) == []
+    assert compare_markdown(golden.replace(" 0.9051 ", " 0.9151 "), golden)
+    assert compare_markdown(golden.replace("1.25×", "1.25 "), golden)  # units are compared exactly
+    assert compare_markdown(golden.replace("knn:digits", "knn:iris"), golden)
+    assert compare_markdown(golden.replace(PARETO_MARK, " ", 1), golden)
+
+
+# ---------------------------------------------------------------------------------------------- table content
+
+
+def _table(task: str, records: list[dict] | None = None):
+    return next(t for t in build_tables(records or sample_records()) if t.task == task)
+
+
+def _row(table, model: str, variant: str) -> dict:
+    i = next(i for i, v in enumerate(table.values) if v["model"] == model and v["variant"] == variant)
+    return {"cells": dict(zip(table.headers, table.rows[i], strict=True)), "values": table.values[i],
+            "pareto": table.pareto[i], "failed": table.failed[i], "exact": table.exact[i]}
+
+
+def test_sample_records_are_schema_valid():
+    for r in sample_records():
+        rec_io.validate(r)
+
+
+def test_one_row_per_cell_latest_record_wins():
+    t = _table("fidelity:images")
+    assert len(t.rows) == 3
+    assert _row(t, "tiny:vit @32px", "fna:m=16")["values"]["metrics"]["rel_err"] == pytest.approx(0.04321)
+
+
+def test_headers_units_and_primary_first():
+    t = _table("knn:digits")
+    assert t.headers[:4] == ["model", "variant", "top1 ↑", "top5 ↑"]
+    assert GFLOPS_HEADER in t.headers and "2×MAC" in GFLOPS_HEADER
+    assert t.title == "knn:digits — primary metric: top1 (higher is better)"
+    assert _table("fidelity:images").title.endswith("rel_err (lower is better)")
+    assert _table("fidelity:images").headers[2] == "rel_err ↓"
+
+
+def test_delta_and_speedup_against_exact_of_same_model_and_settings():
+    t = _table("knn:digits")
+    row = _row(t, "timm:vit_small @224px (dtype=float32)", "fna:layers=-6:,m=64")
+    assert row["values"]["delta"] == pytest.approx(0.9051 - 0.9123)
+    assert row["values"]["speedup"] == pytest.approx(0.100 / 0.080)
+    assert row["cells"]["speed-up vs exact"] == "1.25×"
+    assert row["cells"]["Δ top1 vs exact"] == "-0.0072"
+    # the 448px variant compares with the 448px exact, not the 224px one
+    big = _row(t, "timm:vit_small @448px (dtype=float32)", "fna:layers=-6:,m=64")
+    assert big["values"]["delta"] == pytest.approx(0.9255 - 0.9301)
+    assert big["values"]["speedup"] == pytest.approx(2.0)
+    # the exact row is the reference
+    ref = _row(t, "timm:vit_small @224px (dtype=float32)", "exact")
+    assert ref["exact"] and ref["cells"]["Δ top1 vs exact"] == "ref"
+    # a cell with no exact under the same settings gets no Δ / speed-up, and its label says how it differs
+    half = _row(t, "timm:vit_small @224px (dtype=bfloat16)", "fna:layers=-6:,m=64")
+    assert half["values"]["delta"] is None and half["cells"]["speed-up vs exact"] == "—"
+    assert half["cells"]["Δ top1 vs exact"] == "—"
+
+
+def test_exact_detection():
+    assert is_exact("exact:impl=sdpa") and is_exact("exact:impl=math") and is_exact("exact")
+    assert not is_exact("exact:impl=sdpa+mask:tokens=artifact") and not is_exact("fna:m=64")
+
+
+def test_speedup_needs_timing_on_both_sides():
+    recs = [make_record("m", "exact:impl=sdpa", metrics={"acc": 0.9}, gflops=2.0),
+            make_record("m", "fna:m=8", metrics={"acc": 0.8}, gflops=1.0, median_s=0.1)]
+    row = _row(_table("fidelity:images", recs), "m @224px", "fna:m=8")
+    assert row["values"]["speedup"] is None and row["cells"]["speed-up vs exact"] == "—"
+    assert row["values"]["delta"] == pytest.approx(-0.1)
+
+
+def test_failed_cell_is_shown_with_first_line_of_error():
+    t = _table("knn:digits")
+    row = _row(t, "timm:vit_small @224px (dtype=float32)", "mask:tokens=artifact")
+    assert row["failed"] and not row["pareto"]
+    assert row["cells"]["top1 ↑"] == "failed"
+    assert row["cells"]["error"] == "RuntimeError: no artifact tokens | found"
+    md = render(sample_records(), "github")
+    assert "RuntimeError: no artifact tokens \\| found" in md and "Traceback" not in md
+
+
+def test_all_failed_task_still_renders():
+    recs = [make_record("m", "exact:impl=sdpa", task="knn:x", status="failed", error="OSError: no data")]
+    t = _table("knn:x", recs)
+    assert t.rows == [["m @224px", "exact", "failed", "", "", "", "", "", "", "OSError: no data"]]
+    assert "OSError: no data" in render(recs)
+
+
+# ---------------------------------------------------------------------------------------------- Pareto
+
+
+def test_pareto_front_ties_and_dominated_points():
+    pts = [(1.0, 0.9), (1.0, 0.9), (2.0, 0.9), (2.0, 0.95), (3.0, 0.94), (0.5, 0.5), None]
+    assert pareto_front(pts, higher_is_better=True) == [True, True, False, True, False, True, False]
+    # lower is better: the cheapest, lowest-error points win
+    assert pareto_front([(1.0, 0.1), (2.0, 0.05), (2.0, 0.2), (3.0, 0.05)], higher_is_better=False) == \
+        [True, True, False, False]
+    assert pareto_front([(1.0, float("nan")), (2.0, 0.5)]) == [False, True]
+
+
+def test_pareto_marks_in_table():
+    t = _table("knn:digits")
+    marked = {(v["model"], v["variant"]) for v, p in zip(t.values, t.pareto, strict=True) if p}
+    assert marked == {
+        ("timm:vit_small @224px (dtype=float32)", "fna:layers=-6:,m=16"),  # cheapest at 224px
+        ("timm:vit_small @224px (dtype=float32)", "fna:layers=-6:,m=64"),  # tied GFLOPs, higher accuracy than bf16
+        ("timm:vit_small @224px (dtype=float32)", "exact"),
+        ("timm:vit_small @448px (dtype=float32)", "fna:layers=-6:,m=64"),
+        ("timm:vit_small @448px (dtype=float32)", "exact"),
+    }
+    for row, p in zip(t.rows, t.pareto, strict=True):
+        assert (row[t.headers.index("Pareto")] == PARETO_MARK) == p
+    # lower-is-better task: fna+mask has the same GFLOPs as fna and a lower error → fna is dominated
+    f = _table("fidelity:images")
+    assert [v["variant"] for v, p in zip(f.values, f.pareto, strict=True) if p] == ["exact", "fna:m=16+mask"]
+
+
+# ---------------------------------------------------------------------------------------------- formats, plot
+
+
+def test_every_format_renders():
+    recs = sample_records()
+    rows = list(csv.DictReader(io.StringIO(render(recs, "csv"))))
+    assert len(rows) == 11  # the latest record of each of the 11 cells
+    fna = next(r for r in rows if r["variant"] == "fna:layers=-6:,m=64" and r["image_size"] == "448")
+    assert float(fna["speedup_vs_exact"]) == pytest.approx(2.0) and fna["pareto"] == "True"
+    assert float(fna["gflops"]) == pytest.approx(13.61)
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert failed["error"].startswith("RuntimeError") and failed["top1"] == ""
+    latex = render(recs, "latex")
+    assert latex.count("\\begin{tabular}") == 2 and "$\\star$" in latex and "rel\\_err" in latex
+    assert "★" not in latex and "×" not in latex
+    html = render(recs, "html")
+    assert html.count("<table>") == 2 and "<h3>knn:digits" in html
+    md = render(recs, "markdown")
+    assert md == render(recs, "github") and md.count("### ") == 2
+    with pytest.raises(ValueError, match="accepted: github, markdown, latex, html, csv"):
+        render(recs, "xlsx")
+
+
+def test_number_format():
+    assert fmt_number(0.912345) == "0.9123" and fmt_number(123456.7) == "123457" and fmt_number(None) == "—"
+    assert fmt_number(-0.0072, sign=True) == "-0.0072" and fmt_number(0.0, sign=True) == "+0"
+
+
+def test_plot_writes_png_and_svg(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = plot(sample_records(), tmp_path / "lb")
+    names = sorted(p.name for p in paths)
+    assert names == ["lb-fidelity_images.png", "lb-fidelity_images.svg", "lb-knn_digits.png", "lb-knn_digits.svg",
+                     "lb.png", "lb.svg"]
+    for p in paths:
+        assert p.stat().st_size > 1000
+    assert (tmp_path / "lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (tmp_path / "lb.svg").read_text()
+    one = plot([r for r in sample_records() if r["task"] == "knn:digits"], tmp_path / "one")
+    assert sorted(p.name for p in one) == ["one.png", "one.svg"]
+
+
+# ---------------------------------------------------------------------------------------------- publish
+
+
+def _results(tmp_path: Path) -> Path:
+    results = tmp_path / "results"
+    for r in sample_records():
+        rec_io.write_record(results, r)
+    (results / "sweep.toml").write_text('models = ["timm:vit_small"]\n')
+    return results
+
+
+def test_publish_writes_folder_and_is_idempotent(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = _results(tmp_path)
+    dest = publish(results, tmp_path / "lb" / "demo", command="fnabench run configs/demo.toml")
+    files = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    assert {"README.md", "plot.png", "plot.svg", "config.toml"} <= files
+    assert len([f for f in files if f.startswith("records/")]) == 11
+    readme = (dest / "README.md").read_text()
+    for needle in ("# Leaderboard: demo", "`fnabench run configs/demo.toml`", "`test-cpu`", "torch: `2.4.0`",
+                   "git revision: `abc1234`", "2025-01-01T00:00:10+00:00", "### knn:digits", "![accuracy vs GFLOPs]",
+                   "[config.toml](config.toml)", GFLOPS_HEADER):
+        assert needle in readme, needle
+    assert rec_io.read_records(dest / "records")  # the copies are valid records
+    snapshot = {f: (dest / f).read_bytes() for f in files}
+    publish(results, dest, command="fnabench run configs/demo.toml")
+    again = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert again.keys() == snapshot.keys()
+    for name in ("README.md", "config.toml", "plot.svg", *(f for f in files if f.startswith("records/"))):
+        assert again[name] == snapshot[name], name
+
+
+def test_publish_drops_stale_files_and_notes_missing_matplotlib(tmp_path, monkeypatch):
+    results = _results(tmp_path)
+    dest = tmp_path / "lb"
+    (dest / "records").mkdir(parents=True)
+    (dest / "records" / "0000000000000000.json").write_text("{}")
+    (dest / "plot.png").write_bytes(b"old")
+    (results / "sweep.toml").unlink()
+
+    from fnabench._extras import MissingExtraError
+    from fnabench.harness import publish as pub
+
+    def no_matplotlib(*args, **kwargs):
+        raise MissingExtraError("matplotlib is needed here but not importable; run: pip install 'fnabench[recall]'")
+
+    monkeypatch.setattr(pub, "plot", no_matplotlib)
+    publish(results, dest)
+    readme = (dest / "README.md").read_text()
+    assert "Plot skipped: matplotlib is needed" in readme and "sweep config: not available" in readme
+    assert not (dest / "plot.png").exists() and not (dest / "config.toml").exists()
+    assert not (dest / "records" / "0000000000000000.json").exists()
+    with pytest.raises(FileNotFoundError, match="sweep config"):
+        publish(results, dest, config_path=tmp_path / "nope.toml")
