@@ -89,6 +89,8 @@ for _hf in ("hf-clip", "hf-siglip", "hf-dinov2"):
 
 TASKS.register("fidelity", "fnabench.tasks.fidelity:make_task",
                "fidelity:images|synthetic — feature error vs exact attention, no labels needed")
+TASKS.register("clip_benchmark", "fnabench.tasks.clip_benchmark:make_task",
+               "clip_benchmark:<dataset>|shapes — CLIP_benchmark zero-shot retrieval/classification (dataset_root)")
 
 # Named presets: a short name for a full spec (paper settings), usable in sweep configs and on the CLI.
 VARIANTS.register("paper-clip-l14-m64", lambda: "fna:m=64,layers=-11:",
