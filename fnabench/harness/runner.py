@@ -1,7 +1,8 @@
 """The sweep runner: every (model, image size, task, variant, seed) cell → one record on disk.
 
 Models load once per image size, tasks prepare once per model with exact attention, FLOPs are
-counted once per (model, variant, input shape), and each cell is written the moment it finishes.
+counted and latency measured once per (model, variant, input shape) — tasks share them — and each
+cell is written the moment it finishes.
 A crash in one cell is recorded in that cell's record and the sweep goes on; a rerun skips cells
 whose record says ``ok``.
 """
@@ -96,6 +97,7 @@ class Runner:
         self.log = log
         self.out = config.output_dir()
         self._flops: dict[tuple, dict] = {}
+        self._timings: dict[tuple, tuple[dict, int]] = {}
 
     def run(self) -> SweepSummary:
         """Run every cell without an ``ok`` record; write each record as it finishes."""
@@ -164,8 +166,7 @@ class Runner:
         with patch(loaded.model, variant):
             batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
             flops = self._count(cell, loaded, batch[:1])
-            timing = self._time(loaded, batch, settings)
-            memory = peak_memory(lambda: loaded.embed(batch), device=settings.device)
+            timing, memory = self._time(cell, loaded, batch, settings)
             torch.manual_seed(settings.seed)
             metrics = task.evaluate(loaded, data, settings)
         record = _base_record(cell, started, t0, env)
@@ -185,11 +186,17 @@ class Runner:
                                 "input_shape": list(one.shape), "per": "image"}
         return self._flops[key]
 
-    def _time(self, loaded, batch: torch.Tensor, settings: Settings) -> dict:
-        lat = measure_latency(lambda: loaded.embed(batch), warmup=self.config.timing_warmup,
-                              repeats=self.config.timing_repeats, device=settings.device)
-        return {**lat.as_dict(), "batch_size": int(batch.shape[0]),
-                "images_per_s": lat.throughput(int(batch.shape[0]))}
+    def _time(self, cell: rec.Cell, loaded, batch: torch.Tensor, settings: Settings) -> tuple[dict, int]:
+        """Latency and peak memory of one batch, once per (model, variant, batch shape): tasks share it."""
+        key = (cell.model, cell.variant, tuple(batch.shape), str(batch.dtype))
+        if key not in self._timings:
+            lat = measure_latency(lambda: loaded.embed(batch), warmup=self.config.timing_warmup,
+                                  repeats=self.config.timing_repeats, device=settings.device)
+            memory = peak_memory(lambda: loaded.embed(batch), device=settings.device)
+            timing = {**lat.as_dict(), "batch_size": int(batch.shape[0]),
+                      "images_per_s": lat.throughput(int(batch.shape[0]))}
+            self._timings[key] = (timing, int(memory))
+        return self._timings[key]
 
     def _write(self, record: dict, summary: SweepSummary) -> None:
         rec.write_record(self.out, record)
