@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "recall":
-            from ..tasks.recall import cli as recall_cli
-
-            return recall_cli.dispatch(args)
+            return args.func(args)
         return COMMANDS[args.command](args)
     except (*USER_ERRORS, UsageError) as err:
         print(f"fnabench: error: {err}", file=sys.stderr)
