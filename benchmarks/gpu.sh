@@ -32,7 +32,11 @@ step() {  # step NAME ARGS...: run one benchmark, keep its table next to its CSV
     local name=$1
     shift
     echo "== $name ($((SECONDS - start)) s elapsed)"
-    "$py" "$@" --device cuda --csv "$out_dir/$name.csv" 2>"$out_dir/$name.log" | tee "$out_dir/$name.txt"
+    if ! "$py" "$@" --device cuda --csv "$out_dir/$name.csv" 2>"$out_dir/$name.log" | tee "$out_dir/$name.txt"; then
+        echo "== $name failed; last lines of $out_dir/$name.log:" >&2
+        tail -n 20 "$out_dir/$name.log" >&2
+        return 1
+    fi
 }
 
 step attention_fp32 benchmarks/attention.py --sizes "$sizes" --dtype float32 --repeats 20
