@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from tabulate import tabulate
 
 from .leaderboard import exact_references, fmt_number, reference_key, speedup
-from .records import latest_by_cell
+from .records import latest_by_cell, write_text_atomic
 
 BASELINE_FORMAT = 1
 _FORMAT_KEY = "fnabench_baseline"
@@ -143,20 +142,7 @@ def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
 def save_baseline(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a baseline as stable, indented JSON atomically (temp file + rename); returns the path."""
     obj = _validate_baseline(dict(obj), "baseline")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
 
 
 @dataclass(frozen=True)

@@ -163,21 +163,24 @@ def validate(record: dict[str, Any], source: str = "record") -> dict[str, Any]:
 def write_record(directory: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Validate and write ``record`` as ``<id>.json`` atomically (temp file + rename)."""
     validate(record)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{record['id']}.json"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{record['id']}.", suffix=".tmp")
+    return write_text_atomic(Path(directory) / f"{record['id']}.json", json.dumps(record, indent=2, sort_keys=True))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (plus a final newline) to ``path`` via a temp file and rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text.rstrip("\n") + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+    return path
 
 
 def record_files(path: str | os.PathLike) -> list[Path]:
