@@ -1,0 +1,297 @@
+"""Command line: ``train``, ``eval``, ``plot``, ``report``, ``throughput`` and ``icl`` for the recall suite.
+
+Mounted by the harness as ``fnabench recall <command>`` through :func:`add_arguments` (each command sets
+``func``; call ``sys.exit(args.func(args))``), or standalone: ``python -m fnabench.tasks.recall.cli``.
+User errors print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import PROBES, ConfigError, apply_overrides, parse_assignments, read_toml, to_toml
+from .presets import PRESETS, get_preset
+
+PROG = "fnabench recall"
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _config_from_args(args):
+    if args.config:
+        raw = read_toml(args.config)
+        base = get_preset(raw.get("preset", args.preset or "medium"))
+        config = apply_overrides(base, raw)
+    else:
+        config = get_preset(args.preset or "medium")
+    overrides = parse_assignments(args.set or [])
+    if args.seed is not None:
+        overrides.setdefault("train", {})["seed"] = str(args.seed)
+    if args.steps is not None:
+        overrides.setdefault("train", {})["steps"] = str(args.steps)
+    return apply_overrides(config, overrides).validate()
+
+
+def _cmd_train(args) -> int:
+    from . import rundir
+    from .train import set_threads, train
+
+    set_threads(args.threads)
+    out = Path(args.out) if args.out else None
+    given = args.preset or args.config or args.set or args.seed is not None or args.steps is not None
+    if out is not None and rundir.is_run(out) and not given:
+        config = None  # plain resume
+    else:
+        config = _config_from_args(args)
+        if out is None:
+            out = Path("runs") / "recall" / f"{config.preset}-seed{config.train.seed}"
+    on_checkpoint = _live_eval(out, args.quiet) if args.eval else None
+    try:
+        result = train(out, config, until_step=args.until_step, progress=not args.quiet, on_checkpoint=on_checkpoint)
+    except KeyboardInterrupt:
+        print(f"{PROG} train: stopped; run the same command to resume from {out}", file=sys.stderr)
+        return 130
+    print(f"{out}: step {result.step} ({result.examples:,} examples, {result.flops / 1e9:,.1f} training GFLOPs, "
+          f"{result.seconds:.0f} s), loss {result.loss:.4f}, {result.tokens_per_s:,.0f} tokens/s this session")
+    return 0
+
+
+def _live_eval(out: Path, quiet: bool) -> Callable[[int], None]:
+    def evaluate_now(step: int) -> None:
+        from .evaluate import evaluate_run
+
+        summary = evaluate_run(out, steps=[step], progress=False)
+        if not quiet:
+            errs = " ".join(f"k={k} {c['median'][-1]:.3f}" for k, c in summary["model"]["final"].items())
+            print(f"\n[eval step {step}] {errs}", file=sys.stderr)
+
+    return evaluate_now
+
+
+def _eval_cfg(args, config):
+    from .evaluate import resolve_eval
+
+    return resolve_eval(config, haystack=args.haystack, needle=args.needle, segment_obs=args.segment_obs,
+                        examples=args.examples, traces=args.traces)
+
+
+def _cmd_eval(args) -> int:
+    from . import rundir
+    from .evaluate import evaluate_probes, evaluate_run
+    from .report import ood_table
+    from .train import set_threads
+
+    set_threads(args.threads)
+    for run in args.run_dirs:
+        config = rundir.load_config(run)
+        cfg = _eval_cfg(args, config)
+        for probe in args.probe or ["none"]:
+            summary = evaluate_run(run, cfg, probe, progress=not args.quiet)
+            print(_emergence_line(run, summary))
+        if args.ood:
+            probes = evaluate_probes(run, cfg, progress=not args.quiet)
+            text = ood_table([(str(run), probes)])
+            rundir.atomic_write_text(Path(run) / "ood.md", text)
+            print(text)
+    return 0
+
+
+def _emergence_line(run, summary: dict) -> str:
+    parts = []
+    for k in ("2", "1"):
+        point = summary["emergence"].get(k)
+        if point is None:
+            continue
+        where = "never" if point["examples"] is None else f"{point['examples']:,} examples"
+        parts.append(f"k={k} emerges at {where} (final err {summary['model']['final'][k]['median'][-1]:.3f})")
+    probe = "" if summary["probe"] == "none" else f" probe={summary['probe']}"
+    return f"{run} [{summary['task']}{probe}]: " + "; ".join(parts)
+
+
+def _main_summaries(run_dirs, quiet: bool) -> list[tuple[str, dict]]:
+    from . import rundir
+    from .evaluate import evaluate_run
+
+    out = []
+    for run in run_dirs:
+        config = rundir.load_config(run)
+        out.append((f"{config.preset} seed {config.train.seed}", evaluate_run(run, progress=not quiet)))
+    return out
+
+
+def _cmd_plot(args) -> int:
+    from .plots import plot_dynamics
+
+    runs = _main_summaries(args.run_dirs, args.quiet)
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "dynamics.png"
+    plot_dynamics(runs, out, ks=args.ks.split(",") if args.ks else None)
+    print(out)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from . import rundir
+    from .evaluate import evaluate_probes
+    from .plots import plot_dynamics
+    from .records import records_from_run
+    from .report import emergence_table, ood_table
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = _main_summaries(args.run_dirs, args.quiet)
+    costs = [rundir.read_json(Path(r) / rundir.COSTS) for r in args.run_dirs]
+    table = emergence_table([(lab, s, c) for (lab, s), c in zip(runs, costs, strict=True)])
+    rundir.atomic_write_text(out / "emergence.md", table)
+    probes = [(lab, evaluate_probes(r, progress=not args.quiet))
+              for r, (lab, _) in zip(args.run_dirs, runs, strict=True)]
+    rundir.atomic_write_text(out / "ood.md", ood_table(probes))
+    plot_dynamics(runs, out / "dynamics.png")
+    config = rundir.load_config(args.run_dirs[0])
+    seeds = ", ".join(str(rundir.load_config(r).train.seed) for r in args.run_dirs)
+    rundir.atomic_write_text(out / "preset.toml", to_toml(config, f"recall preset {config.preset!r}; seeds {seeds}"))
+    records = [rec for r in args.run_dirs for rec in records_from_run(r)]
+    rundir.atomic_write_text(out / "records.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    for name in ("emergence.md", "ood.md", "dynamics.png", "preset.toml", "records.jsonl"):
+        print(out / name)
+    return 0
+
+
+def _cmd_throughput(args) -> int:
+    from .train import measure_throughput, set_threads
+
+    set_threads(args.threads)
+    for name in args.presets:
+        r = measure_throughput(get_preset(name), args.batch, args.steps)
+        print(f"{name}: {r['tokens_per_s']:,.0f} tokens/s ({r['examples_per_s']:.1f} examples/s) at batch "
+              f"{r['batch']}, {r['step_seconds'] * 1e3:.0f} ms/step ({r['data_seconds'] * 1e3:.0f} ms data), "
+              f"{r['parameters']:,} parameters, {r['threads']} thread(s)")
+    return 0
+
+
+def _cmd_icl(args) -> int:
+    from . import rundir
+    from .icl import hub_step_revisions, load_task, sweep
+    from .plots import plot_icl
+
+    task = load_task(args.task, args.input_prefix, args.output_prefix)
+    checkpoints = list(args.checkpoints or [])
+    if args.all_steps:
+        checkpoints += hub_step_revisions(args.all_steps)
+    if not checkpoints:
+        raise ConfigError("give checkpoints (directories or HUB_ID@REVISION) or --all-steps HUB_ID")
+    rows = sweep(checkpoints, task, shots=args.shots, max_examples=args.max_examples, device=args.device)
+    out = Path(args.out)
+    rundir.write_json(out / "icl.json", rows)
+    plot_icl(rows, out / "icl.png")
+    for row in rows:
+        print(f"step {row['step']}: first {row['first_accuracy']:.3f} (n={row['n_first']}), "
+              f"second {row['second_accuracy']:.3f} (n={row['n_second']})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def _guard(command: Callable, name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ConfigError as exc:
+            print(f"{PROG} {name}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def add_arguments(subparsers) -> None:
+    """Register ``train``, ``eval``, ``plot``, ``report``, ``throughput`` and ``icl`` on an argparse subparsers."""
+    p = subparsers.add_parser("train", help="train (or resume) a recall model",
+                              description="Train a GPT-2 on interleaved traces; resumes when OUT holds the run.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: medium)")
+    p.add_argument("--config", help="TOML config (optional 'preset' key, then [data] [model] [train] [eval])")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting (repeatable)")
+    p.add_argument("--seed", type=int, help="training seed (init and data order)")
+    p.add_argument("--steps", type=int, help="total training steps")
+    p.add_argument("--out", help="run directory (default runs/recall/PRESET-seedSEED)")
+    p.add_argument("--until-step", type=int, help="stop at this step (resumable), e.g. to split a run")
+    p.add_argument("--eval", action="store_true", help="evaluate each checkpoint as it is saved")
+    _common(p)
+    p.set_defaults(func=_guard(_cmd_train, "train"))
+
+    p = subparsers.add_parser("eval", help="evaluate every checkpoint of runs on recall queries")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--haystack", type=int, help="haystack systems H (default: the run's)")
+    p.add_argument("--needle", type=int, help="needle position c in [0, H)")
+    p.add_argument("--segment-obs", type=int, help="observations per haystack segment")
+    p.add_argument("--examples", type=int, help="haystack examples")
+    p.add_argument("--traces", type=int, help="traces per example")
+    p.add_argument("--probe", action="append", choices=PROBES, help="query variant (repeatable; default none)")
+    p.add_argument("--ood", action="store_true", help="also every probe at the last checkpoint → RUN_DIR/ood.md")
+    _common(p)
+    p.set_defaults(func=_guard(_cmd_eval, "eval"))
+
+    p = subparsers.add_parser("plot", help="training-dynamics plot (error vs training examples)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/dynamics.png)")
+    p.add_argument("--ks", help="comma-separated k values to draw (default 1,2,3,8 where evaluated)")
+    _common(p)
+    p.set_defaults(func=_guard(_cmd_plot, "plot"))
+
+    p = subparsers.add_parser("report", help="leaderboard folder: plot, emergence and OOD tables, preset, records")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out-dir", required=True, help="folder to write (e.g. leaderboards/recall-cpu)")
+    _common(p)
+    p.set_defaults(func=_guard(_cmd_report, "report"))
+
+    p = subparsers.add_parser("throughput", help="training tokens/s of presets on this machine")
+    p.add_argument("presets", nargs="+", choices=sorted(PRESETS), metavar="PRESET")
+    p.add_argument("--batch", type=int, help="micro-batch to time (default: the preset's)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
+    _common(p)
+    p.set_defaults(func=_guard(_cmd_throughput, "throughput"))
+
+    p = subparsers.add_parser("icl", help="first- vs second-token ICL accuracy over LM checkpoints")
+    p.add_argument("checkpoints", nargs="*", help="local model directories or HUB_ID@REVISION")
+    p.add_argument("--task", required=True, help="BIG-bench-format JSON of input/target examples")
+    p.add_argument("--all-steps", metavar="HUB_ID", help="add every step* branch of this hub model")
+    p.add_argument("--shots", type=int, default=1, help="worked pairs before each query (default 1)")
+    p.add_argument("--max-examples", type=int, help="use only the first N examples")
+    p.add_argument("--input-prefix", help="text before each input (default: the JSON's, else '\\nQ: ')")
+    p.add_argument("--output-prefix", help="text before each target (default: the JSON's, else '\\nA: ')")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="folder for icl.json and icl.png")
+    p.set_defaults(func=_guard(_cmd_icl, "icl"))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads for torch (e.g. 1 on a shared machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The standalone parser (``python -m fnabench.tasks.recall.cli``)."""
+    parser = _OneLineParser(prog=PROG, description="Symbolic in-context recall task suite (arXiv:2507.01414).")
+    add_arguments(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The first- vs second-token ICL task for checkpointed causal LMs (the paper's OLMo experiment).
+
+For a BIG-bench-format task (``examples`` of ``input``/``target``), each query is prompted with
+``shots`` worked pairs before it. First-token accuracy: greedy top-1 on the first target token.
+Second-token accuracy: top-1 on the second target token with the true first one given. Whitespace-only
+target tokens are given as context and skipped. Swept over a model's checkpoint revisions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+_STEP = re.compile(r"step[_-]?(\d+)")
+
+
+@dataclass
+class IclTask:
+    """A BIG-bench-style task: prefix, (input, target) pairs and the strings put before inputs and targets."""
+
+    examples: list[tuple[str, str]]
+    prefix: str = ""
+    input_prefix: str = "\nQ: "
+    output_prefix: str = "\nA: "
+
+
+def load_task(path: str | Path, input_prefix: str | None = None, output_prefix: str | None = None) -> IclTask:
+    """Read a BIG-bench JSON (``target`` a string or list, or ``target_scores``: the best-scored one)."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"task file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    examples = []
+    for i, ex in enumerate(raw.get("examples", []) if isinstance(raw, dict) else []):
+        target = ex.get("target")
+        if target is None and isinstance(ex.get("target_scores"), dict) and ex["target_scores"]:
+            target = max(ex["target_scores"], key=ex["target_scores"].get)
+        if isinstance(target, list):
+            target = target[0] if target else None
+        if not isinstance(ex.get("input"), str) or not isinstance(target, str):
+            raise ConfigError(f"{path}: example {i} needs a string 'input' and a 'target'")
+        examples.append((ex["input"], target))
+    if len(examples) < 2:
+        raise ConfigError(f"{path}: needs an 'examples' list with at least 2 input/target pairs")
+    return IclTask(
+        examples, raw.get("task_prefix", ""),
+        raw.get("example_input_prefix", "\nQ: ") if input_prefix is None else input_prefix,
+        raw.get("example_output_prefix", "\nA: ") if output_prefix is None else output_prefix,
+    )
+
+
+def build_prompt(task: IclTask, index: int, shots: int = 1) -> str:
+    """The prompt for example ``index``: the next ``shots`` examples (cyclically) as worked pairs, then its input."""
+    n = len(task.examples)
+    demos = [task.examples[(index + j) % n] for j in range(1, shots + 1)]
+    text = task.prefix + "".join(f"{task.input_prefix}{x}{task.output_prefix}{y}" for x, y in demos)
+    return text + f"{task.input_prefix}{task.examples[index][0]}{task.output_prefix}"
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=special))
+
+
+def scoring_positions(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + target, and the indices in it of the first and second non-whitespace target tokens."""
+    context = _encode(tokenizer, prompt, True)
+    answer = _encode(tokenizer, target, False)
+    visible = [j for j, tok in enumerate(answer) if tokenizer.decode([tok]).strip()]
+    return context + answer, [len(context) + j for j in visible[:2]]
+
+
+@torch.inference_mode()
+def first_second_accuracy(model, tokenizer, task: IclTask, shots: int = 1, max_examples: int | None = None,
+                          device: str = "cpu") -> dict:
+    """Greedy top-1 accuracy on the first and (true first given) second target token over the task's examples."""
+    hits = {"first": 0, "second": 0}
+    counts = {"first": 0, "second": 0}
+    count = len(task.examples) if max_examples is None else min(max_examples, len(task.examples))
+    for i in range(count):
+        ids, positions = scoring_positions(tokenizer, build_prompt(task, i, shots), task.examples[i][1])
+        if not positions:
+            continue
+        logits = model(torch.tensor([ids[: positions[-1] + 1]], device=device)).logits[0]
+        for name, pos in zip(("first", "second"), positions, strict=False):
+            counts[name] += 1
+            hits[name] += int(int(logits[pos - 1].argmax()) == ids[pos])
+    return {
+        "first_accuracy": hits["first"] / counts["first"] if counts["first"] else float("nan"),
+        "second_accuracy": hits["second"] / counts["second"] if counts["second"] else float("nan"),
+        "n_first": counts["first"], "n_second": counts["second"],
+    }
+
+
+def checkpoint_step(name: str, default: int) -> int:
+    """The training step in a revision or directory name (``step1000-tokens4B`` → 1000), else ``default``."""
+    match = _STEP.search(Path(name).name if "@" not in name else name.split("@", 1)[1])
+    return int(match.group(1)) if match else default
+
+
+def _split(checkpoint: str) -> tuple[str, str | None]:
+    if "@" in checkpoint and not Path(checkpoint).exists():
+        model_id, revision = checkpoint.split("@", 1)
+        return model_id, revision
+    return checkpoint, None
+
+
+def sweep(checkpoints: Sequence[str], task: IclTask, *, tokenizer=None, shots: int = 1,
+          max_examples: int | None = None, device: str = "cpu") -> list[dict]:
+    """Accuracies for every checkpoint (a local directory or ``hub_id@revision``), with its parsed step."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ModuleNotFoundError:
+        raise ConfigError("the ICL task needs transformers: pip install 'fnabench[recall]'") from None
+    rows = []
+    for index, checkpoint in enumerate(checkpoints):
+        model_id, revision = _split(checkpoint)
+        model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision).to(device).eval()
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+        result = first_second_accuracy(model, tokenizer, task, shots, max_examples, device)
+        rows.append({"checkpoint": checkpoint, "step": checkpoint_step(checkpoint, index), **result})
+        del model
+    return rows
+
+
+def hub_step_revisions(model_id: str) -> list[str]:
+    """Every ``step*`` branch of a Hugging Face model repo (OLMo's intermediate checkpoints), in step order."""
+    from huggingface_hub import list_repo_refs
+
+    branches = [b.name for b in list_repo_refs(model_id).branches if _STEP.search(b.name)]
+    return [f"{model_id}@{b}" for b in sorted(branches, key=lambda b: int(_STEP.search(b).group(1)))]
