@@ -247,6 +247,16 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_heap() -> None:
+    """Give memory the C allocator holds for reuse back to the OS (glibc), so the call's own need shows in RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_high_water_mark() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where Linux does not allow it."""
     try:
@@ -299,6 +309,7 @@ def peak_memory(fn: Callable[[], object], *, device: str | torch.device = "cpu",
             return torch.cuda.max_memory_allocated(device) - base
         if not os.path.exists("/proc/self/statm"):
             raise OSError("peak CPU memory needs /proc/self/statm (Linux)")
+        _release_free_heap()
         base = _rss_bytes()
         if _reset_high_water_mark():  # exact: the kernel's own peak-RSS counter, reset for this call
             fn()

@@ -120,3 +120,5 @@ def test_step_parsing_and_bad_task_files(tmp_path):
     scored.write_text(json.dumps({"examples": [{"input": "a", "target_scores": {"x": 0, "y": 1}},
                                                {"input": "b", "target": ["z", "w"]}]}))
     assert load_task(scored).examples == [("a", "y"), ("b", "z")]
+    with pytest.raises(ConfigError, match="cannot load checkpoint"):
+        sweep([str(tmp_path / "no-such-model")], load_task(scored))

@@ -124,9 +124,13 @@ def sweep(checkpoints: Sequence[str], task: IclTask, *, tokenizer=None, shots: i
     rows = []
     for index, checkpoint in enumerate(checkpoints):
         model_id, revision = _split(checkpoint)
-        model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision).to(device).eval()
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision).to(device).eval()
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+        except (OSError, ValueError) as exc:  # missing files, unknown revision, no network
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot load checkpoint {checkpoint!r}: {first}") from None
         result = first_second_accuracy(model, tokenizer, task, shots, max_examples, device)
         rows.append({"checkpoint": checkpoint, "step": checkpoint_step(checkpoint, index), **result})
         del model

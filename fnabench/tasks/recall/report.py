@@ -44,8 +44,8 @@ def emergence_table(runs: Sequence[tuple[str, dict, dict]]) -> str:
         k2s.append(e2["examples"])
         ratios.append(ratio)
         rows.append([
-            label, f"{costs.get('parameters', 0):,}", _count(e2["examples"]), _num(_g(e2["flops"])),
-            _count(e1["examples"]), _num(_g(e1["flops"])), _num(ratio, 2),
+            label, f"{costs.get('parameters', 0):,}", _point(e2), _num(_g(e2["flops"])),
+            _point(e1), _num(_g(e1["flops"])), _num(ratio, 2),
             _num(summary["model"]["final"]["1"]["median"][-1]), _num(summary["model"]["final"]["2"]["median"][-1]),
             _num(summary["zero"]["final"]["1"]["median"]), f"{summary['examples'][-1]:,}",
             f"{summary['seconds'][-1]:.0f}",
@@ -54,13 +54,22 @@ def emergence_table(runs: Sequence[tuple[str, dict, dict]]) -> str:
         rows.append(["**spread** (min / median / max)", "", _spread(k2s, count=True), "", _spread(k1s, count=True),
                      "", _spread(ratios), "", "", "", "", ""])
     note = ("Emergence: the first checkpoint whose median error (over examples, of the median over traces) at k "
-            "observations after the query's open label is below half the zero predictor's. "
-            "GFLOPs count forward + backward of every training step (2 × multiply-adds).\n\n")
+            "observations after the query's open label is below half the zero predictor's (in brackets: the "
+            "checkpoint from which it stays below). GFLOPs count forward + backward of every training step "
+            "(2 × multiply-adds).\n\n")
     return note + _table(header, rows)
 
 
 def _g(flops: int | None) -> float | None:
     return None if flops is None else flops / 1e9
+
+
+def _point(e: dict) -> str:
+    """First crossing, and (when later) where the curve stays below for good."""
+    text = _count(e["examples"])
+    if e["examples"] is not None and e["stable_examples"] not in (None, e["examples"]):
+        text += f" (stays below from {_count(e['stable_examples'])})"
+    return text
 
 
 def _count(value: int | None) -> str:
