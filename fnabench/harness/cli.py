@@ -96,7 +96,7 @@ def _mount_recall(sub) -> None:
         from ..tasks.recall import cli as recall_cli
     except ImportError:
         return
-    p = sub.add_parser("recall", help="symbolic in-context recall suite: train, eval, plot")
+    p = sub.add_parser("recall", help="symbolic in-context recall suite: train, eval, plot, report, throughput, icl")
     recall_cli.add_arguments(p.add_subparsers(dest="recall_command", required=True))
 
 
