@@ -154,3 +154,11 @@ def test_baseline_and_check_through_cli(sweep, tmp_path, capsys):
     assert main(["check", str(out), "--baseline", str(base)]) == 1
     assert "cos_sim" in capsys.readouterr().out
     assert data  # the baseline is real JSON
+
+
+def test_task_options_are_part_of_a_cells_identity():
+    from fnabench.harness.runner import cells
+
+    base = from_dict(_tiny_dict())
+    changed = from_dict({**_tiny_dict(), "task_options": {"fidelity:synthetic": {"num_synthetic": 4}}})
+    assert {c.id for c in cells(base)}.isdisjoint({c.id for c in cells(changed)})  # no stale reuse

@@ -47,7 +47,7 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "error": (str, type(None)),
 }
 #: settings that are part of a cell's identity
-IDENTITY_SETTINGS = ("image_size", "dtype", "device", "batch_size", "limit", "seed")
+IDENTITY_SETTINGS = ("image_size", "dtype", "device", "batch_size", "limit", "seed", "options")
 STATUSES = ("ok", "failed")
 
 

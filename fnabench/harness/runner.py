@@ -56,7 +56,8 @@ def cells(config: SweepConfig) -> list[rec.Cell]:
                 for seed in config.seeds:
                     for variant in variants:
                         settings = {"image_size": size, "dtype": config.dtype, "device": config.device,
-                                    "batch_size": config.batch_size, "limit": config.limit, "seed": seed}
+                                    "batch_size": config.batch_size, "limit": config.limit, "seed": seed,
+                                    "options": dict(config.task_options.get(task, {}))}
                         out.append(rec.Cell(model, variant, task, tuple(sorted(settings.items()))))
     return out
 
