@@ -28,12 +28,11 @@ from benchutil import (
     header,
     int_list,
     rel_frobenius,
-    render_table,
+    report,
     resolve_device,
     spin_up,
     time_all,
     timed,
-    write_csv,
 )
 
 import fnabench
@@ -269,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(run_size(args, n, variants, device, dtype))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(render_table(rows, COLUMNS))
-    if args.csv:
-        write_csv(args.csv, rows, CSV_KEYS)
-        print(f"# wrote {args.csv}")
+    report(rows, COLUMNS, args.csv, CSV_KEYS)
     return 0
 
 

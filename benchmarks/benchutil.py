@@ -261,3 +261,12 @@ def rel_frobenius(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖_F / ‖ref‖_F, accumulated in float64."""
     ref64 = ref.double()
     return ((out.double() - ref64).norm() / ref64.norm()).item()
+
+
+def report(rows: Sequence[dict], columns: Sequence[tuple[str, str]], csv_path: str | None,
+           csv_keys: Sequence[str]) -> None:
+    """Print the table and, when asked, write the CSV: how every benchmark ends."""
+    print(render_table(rows, columns))
+    if csv_path:
+        write_csv(csv_path, rows, csv_keys)
+        print(f"# wrote {csv_path}")

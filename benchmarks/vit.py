@@ -27,11 +27,10 @@ from benchutil import (
     device_name,
     header,
     int_list,
-    render_table,
+    report,
     resolve_device,
     spin_up,
     time_all,
-    write_csv,
 )
 
 import fnabench
@@ -188,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(run_size(args, size, device, dtype))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(render_table(rows, COLUMNS))
-    if args.csv:
-        write_csv(args.csv, rows, CSV_KEYS)
-        print(f"# wrote {args.csv}")
+    report(rows, COLUMNS, args.csv, CSV_KEYS)
     return 0
 
 
