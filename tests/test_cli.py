@@ -116,6 +116,21 @@ def test_bad_configs_exit_2_with_one_line(tmp_path, capsys, text, fragment):
     assert not (tmp_path / "r").exists()  # nothing ran
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["leaderboard"], "the following arguments are required: results"),
+    (["list", "widgets"], "invalid choice: 'widgets'"),
+    (["run", "x.toml", "--batch-size", "many"], "invalid int value: 'many'"),
+    (["recall", "train", "--preset", "nope"], "invalid choice: 'nope'"),
+])
+def test_usage_errors_are_one_line_exit_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and err.startswith("fnabench")
+
+
 def test_cli_flags_override_config(sweep):
     from fnabench.harness import config as cfg
 

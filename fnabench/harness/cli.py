@@ -11,6 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .._argparse import OneLineParser
 from .._extras import MissingExtraError
 from ..adapters.loading import ModelLoadError
 from ..tasks.base import TaskError
@@ -79,7 +80,7 @@ def _add_results_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fnabench", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fnabench", description=__doc__.splitlines()[0])
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"fnabench {__version__}")

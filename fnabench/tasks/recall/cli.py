@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..._argparse import OneLineParser
 from .config import PROBES, ConfigError, apply_overrides, parse_assignments, read_toml, to_toml
 from .presets import PRESETS, get_preset
 
@@ -273,16 +274,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The standalone parser (``python -m fnabench.tasks.recall.cli``)."""
-    parser = _OneLineParser(prog=PROG, description="Symbolic in-context recall task suite (arXiv:2507.01414).")
+    parser = OneLineParser(prog=PROG, description="Symbolic in-context recall task suite (arXiv:2507.01414).")
     add_arguments(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 
