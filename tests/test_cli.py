@@ -53,6 +53,35 @@ def test_tiny_sweep_end_to_end(sweep, tmp_path, capsys):
         assert (out / f"{r['id']}.json").is_file()
 
 
+def test_cells_are_timed_against_exact_in_the_same_window(sweep, tmp_path):
+    from fnabench.harness import config as cfg
+
+    out = tmp_path / "results"
+    Runner(cfg.override(cfg.load(sweep), out=str(out)), quiet=True).run()
+    by_variant = {r["variant_short"]: r for r in rec.read_records(out)}
+    exact, fna = by_variant["exact"], by_variant["fna:layers=-2:,m=4"]
+    assert "reference" not in exact["timing"] and "speedup" not in exact["timing"]
+    ref = fna["timing"]["reference"]
+    assert ref["variant"] == "exact:impl=sdpa" and ref["median_s"] > 0 and ref["repeats"] == 1
+    assert fna["timing"]["speedup"] == pytest.approx(ref["median_s"] / fna["timing"]["median_s"])
+
+
+def test_retime_remeasures_done_cells_and_keeps_their_results(sweep, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(sweep), "--out", str(out), "--quiet"]) == 0
+    before = {r["id"]: r for r in rec.read_records(out)}
+    capsys.readouterr()
+    assert main(["run", str(sweep), "--out", str(out), "--quiet", "--retime"]) == 0
+    assert "0 cells run, 0 already done, 3 retimed, 0 failed" in capsys.readouterr().out
+    after = {r["id"]: r for r in rec.read_records(out)}
+    assert after.keys() == before.keys()
+    for cid, old in before.items():
+        new = after[cid]
+        assert new["metrics"] == old["metrics"] and new["flops"] == old["flops"] and new["started"] == old["started"]
+        assert new["timing"]["retimed"]["at"] >= old["finished"]
+        assert new["timing"]["retimed"]["environment"]["versions"]["torch"]
+
+
 def test_resume_computes_only_missing_cells(sweep, tmp_path, monkeypatch):
     out = tmp_path / "results"
     from fnabench.harness import config as cfg

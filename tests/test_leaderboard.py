@@ -185,6 +185,17 @@ def test_exact_detection():
     assert not is_exact("exact:impl=sdpa+mask:tokens=artifact") and not is_exact("fna:m=64")
 
 
+def test_paired_speedup_measured_by_the_runner_wins_over_medians_of_separate_cells():
+    fna = make_record("m", "fna:m=8", metrics={"acc": 0.8}, gflops=1.0, median_s=0.1)
+    fna["timing"]["speedup"] = 1.5  # timed interleaved with exact on the same batch
+    recs = [make_record("m", "exact:impl=sdpa", metrics={"acc": 0.9}, gflops=2.0, median_s=0.3), fna]
+    row = _row(_table("fidelity:images", recs), "m @224px", "fna:m=8")
+    assert row["values"]["speedup"] == pytest.approx(1.5) and row["cells"]["speed-up vs exact"] == "1.50×"
+    # it needs no exact record in the same results
+    alone = _row(_table("fidelity:images", [fna]), "m @224px", "fna:m=8")
+    assert alone["values"]["speedup"] == pytest.approx(1.5)
+
+
 def test_speedup_needs_timing_on_both_sides():
     recs = [make_record("m", "exact:impl=sdpa", metrics={"acc": 0.9}, gflops=2.0),
             make_record("m", "fna:m=8", metrics={"acc": 0.8}, gflops=1.0, median_s=0.1)]

@@ -126,6 +126,34 @@ def test_measure_latency_and_throughput():
     assert lat.throughput(4) == pytest.approx(4 / lat.median)
 
 
+def test_measure_interleaved_alternates_rounds_and_times_each_entry():
+    import contextlib
+    import time
+
+    from fnabench.harness.measure import measure_interleaved
+
+    log: list[str] = []
+
+    def entry(name: str, seconds: float):
+        @contextlib.contextmanager
+        def cm():
+            log.append(f"enter {name}")
+            yield lambda: (log.append(name), time.sleep(seconds))
+            log.append(f"leave {name}")
+
+        return cm
+
+    slow, fast = measure_interleaved([entry("a", 0.02), entry("b", 0.002)], warmup=1, repeats=3)
+    calls = [x for x in log if " " not in x]
+    # round 0: a (warm-up + timed), b (warm-up + timed); round 1 reversed; round 2 forward again
+    assert calls == ["a", "a", "b", "b", "b", "a", "a", "b"]
+    assert log.count("enter a") == log.count("leave a") == 3
+    assert slow.repeats == fast.repeats == 3
+    assert slow.min > 0.015 and fast.median < slow.median / 2
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        measure_interleaved([entry("a", 0)], repeats=0)
+
+
 def test_peak_memory_sees_a_large_allocation():
     def alloc():
         t = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched

@@ -43,6 +43,8 @@ def _add_run(sub) -> None:
     p.add_argument("--dtype", choices=sorted(cfg.DTYPES))
     p.add_argument("--seed", type=int, nargs="+", dest="seeds")
     p.add_argument("--timing-repeats", type=int)
+    p.add_argument("--retime", action="store_true",
+                   help="measure latency and memory again for cells already done (metrics and FLOPs kept)")
     net = p.add_mutually_exclusive_group()
     net.add_argument("--offline", dest="offline", action="store_true", default=None,
                      help="never touch the hub (default in the packaged sweep)")
@@ -110,7 +112,7 @@ def cmd_run(args) -> int:
                           image_sizes=args.image_sizes, limit=args.limit, batch_size=args.batch_size,
                           device=args.device, dtype=args.dtype, seeds=args.seeds,
                           timing_repeats=args.timing_repeats, offline=args.offline)
-    summary = Runner(config, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr)).run()
+    summary = Runner(config, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr), retime=args.retime).run()
     records = read_records(summary.out)
     print(render(records, args.format))
     print(summary.line())

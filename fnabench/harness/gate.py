@@ -75,7 +75,7 @@ def make_baseline(records: Iterable[dict], *, tolerances: Mapping[str, float] | 
                              "higher_is_better": None if hib is None else bool(hib)}
         flops = r.get("flops") or {}
         ref = refs.get(reference_key(r))
-        ratio = speedup(r, ref) if ref is not None and ref is not r else None
+        ratio = speedup(r, ref) if ref is not r else None
         cells[r["id"]] = {
             "model": r["model"], "variant": r["variant"], "variant_short": r["variant_short"], "task": r["task"],
             "settings": {k: r["settings"][k] for k in sorted(r["settings"])},
@@ -252,7 +252,7 @@ def check(records: Iterable[dict], baseline: Mapping[str, Any]) -> CheckReport:
         base_ratio = cell.get("speed_ratio")
         if base_ratio is not None:
             ref = refs.get(reference_key(rec))
-            ratio = speedup(rec, ref) if ref is not None and ref is not rec else None
+            ratio = speedup(rec, ref) if ref is not rec else None
             floor = base_ratio * (1 - speed_tol)
             allowed = f"≥ {floor:.2f}× (−{speed_tol:.0%})"
             if ratio is None:

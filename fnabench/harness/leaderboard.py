@@ -181,7 +181,15 @@ def _median(rec: dict) -> float | None:
 
 
 def speedup(rec: dict, ref: dict | None) -> float | None:
-    """Exact median latency / variant median latency, or None when either lacks timing."""
+    """Exact latency / this cell's latency, or None when unmeasured.
+
+    The runner times each cell interleaved with exact attention on the same batch and stores that
+    ratio (``timing.speedup``): it is used when present, as it is immune to load drifting between
+    cells. Otherwise the ratio of the two records' medians.
+    """
+    paired = (rec.get("timing") or {}).get("speedup") if rec.get("status") == "ok" else None
+    if isinstance(paired, (int, float)) and paired > 0:
+        return float(paired)
     if ref is None:
         return None
     a, b = _median(ref), _median(rec)

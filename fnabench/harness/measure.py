@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -202,6 +202,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one ``fn()`` takes: CUDA events on a GPU, ``perf_counter`` on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _summary(times: list[float], device: torch.device) -> Latency:
+    if len(times) >= 4:
+        q1, _, q3 = statistics.quantiles(times, n=4)
+    else:
+        q1, q3 = min(times), max(times)
+    return Latency(statistics.median(times), q1, q3, min(times), max(times), len(times), str(device))
+
+
 def measure_latency(
     fn: Callable[[], object],
     *,
@@ -220,22 +242,38 @@ def measure_latency(
         times: list[float] = []
         started = time.perf_counter()
         while len(times) < repeats or time.perf_counter() - started < min_time:
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize(device)
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-    if len(times) >= 4:
-        q1, _, q3 = statistics.quantiles(times, n=4)
-    else:
-        q1, q3 = min(times), max(times)
-    return Latency(statistics.median(times), q1, q3, min(times), max(times), len(times), str(device))
+            times.append(_timed_call(fn, device))
+    return _summary(times, device)
+
+
+def measure_interleaved(
+    entries: Sequence[Callable[[], contextlib.AbstractContextManager[Callable[[], object]]]],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    device: str | torch.device = "cpu",
+) -> list[Latency]:
+    """Time several calls in alternating rounds, so a drift in machine load hits them all alike.
+
+    Each entry is a context-manager factory that yields the call to time (e.g. a model patched with
+    one variant); entering and leaving it is not timed. Every round enters each entry once and times
+    one call, in reversed order every other round; the first round adds ``warmup`` untimed calls.
+    Returns one ``Latency`` per entry, in order: their ratios are the fair speed comparison.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"measure_interleaved: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    device = torch.device(device)
+    times: list[list[float]] = [[] for _ in entries]
+    with torch.no_grad():
+        for round_ in range(repeats):
+            order = range(len(entries)) if round_ % 2 == 0 else reversed(range(len(entries)))
+            for i in order:
+                with entries[i]() as fn:
+                    for _ in range(warmup if round_ == 0 else 0):
+                        fn()
+                    _sync(device)
+                    times[i].append(_timed_call(fn, device))
+    return [_summary(t, device) for t in times]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,16 +2,18 @@
 
 Models load once per image size, tasks prepare once per model with exact attention, FLOPs are
 counted and latency measured once per (model, variant, input shape) — tasks share them — and each
-cell is written the moment it finishes.
+cell is written the moment it finishes. Latency is timed interleaved with exact attention on the
+same batch, so each record carries a speed-up that load drifting between cells cannot skew.
 A crash in one cell is recorded in that cell's record and the sweep goes on; a rerun skips cells
 whose record says ``ok``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,11 @@ import torch
 from ..adapters import patch
 from ..adapters.loading import set_offline
 from ..tasks.base import Settings
-from ..variants import parse_variant
+from ..variants import Variant, parse_variant
 from . import records as rec
 from .config import SweepConfig
-from .measure import count_flops, measure_latency, peak_memory
+from .leaderboard import EXACT_REFERENCE
+from .measure import count_flops, measure_interleaved, peak_memory
 from .registry import load_model, make_task
 
 
@@ -36,13 +39,15 @@ class SweepSummary:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    retimed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
     def line(self) -> str:
-        return (f"{len(self.ran)} cells run, {len(self.skipped)} already done, {len(self.failed)} failed; "
+        retimed = f", {len(self.retimed)} retimed" if self.retimed else ""
+        return (f"{len(self.ran)} cells run, {len(self.skipped)} already done{retimed}, {len(self.failed)} failed; "
                 f"records in {self.out}")
 
 
@@ -92,24 +97,31 @@ def _base_record(cell: rec.Cell, started: str, t0: float, env: dict) -> dict:
 class Runner:
     """Runs a sweep config into a results folder."""
 
-    def __init__(self, config: SweepConfig, *, quiet: bool = False, log: Callable[[str], None] = print) -> None:
+    def __init__(self, config: SweepConfig, *, quiet: bool = False, log: Callable[[str], None] = print,
+                 retime: bool = False) -> None:
         self.config = config
         self.quiet = quiet
+        self.retime = retime
         self.log = log
         self.out = config.output_dir()
         self._flops: dict[tuple, dict] = {}
         self._timings: dict[tuple, tuple[dict, int]] = {}
+        self._done: dict[str, dict] = {}
 
     def run(self) -> SweepSummary:
-        """Run every cell without an ``ok`` record; write each record as it finishes."""
+        """Run every cell without an ``ok`` record; write each record as it finishes.
+
+        With ``retime``, cells that are done are not skipped: their latency and memory are measured
+        again (metrics and FLOPs kept), e.g. on a quieter machine than the one that ran them.
+        """
         config = self.config
         set_offline(config.offline)
         self.out.mkdir(parents=True, exist_ok=True)
         self._save_config()
         summary = SweepSummary(self.out)
-        done = {r["id"] for r in rec.read_records(self.out, strict=False) if r["status"] == "ok"}
-        todo = [c for c in cells(config) if c.id not in done]
-        summary.skipped = [c.id for c in cells(config) if c.id in done]
+        self._done = {r["id"]: r for r in rec.read_records(self.out, strict=False) if r["status"] == "ok"}
+        todo = [c for c in cells(config) if self.retime or c.id not in self._done]
+        summary.skipped = [c.id for c in cells(config) if c.id in self._done and not self.retime]
         progress = _progress_factory(self.quiet)
         bar = progress(todo, f"sweep {config.name}", len(todo))
         groups: dict[tuple, list[rec.Cell]] = {}
@@ -138,7 +150,10 @@ class Runner:
         except Exception as err:  # every cell of this model fails with the load error, the sweep goes on
             for cell in group:
                 next(bar_iter, None)
-                self._write(_failed_record(cell, started, t0, err, env), summary)
+                if cell.id in self._done:  # retime: an ok record is never replaced by a failure
+                    self.log(f"retime failed, record kept: {cell.model}: {err}")
+                else:
+                    self._write(_failed_record(cell, started, t0, err, env), summary)
             return
         prepared: dict[tuple, Any] = {}
         for cell in group:
@@ -152,8 +167,16 @@ class Runner:
                     task = make_task(cell.task, self.config.task_options.get(cell.task))
                     prepared[key] = (task, task.prepare(loaded, settings))
                 task, data = prepared[key]
+                if cell.id in self._done:
+                    rec.write_record(self.out, self._retime_cell(self._done[cell.id], cell, loaded, task, data,
+                                                                 settings, env))
+                    summary.retimed.append(cell.id)
+                    continue
                 record = self._run_cell(cell, loaded, task, data, settings, started, t0, env)
             except Exception as err:
+                if cell.id in self._done:  # a failed retime keeps the record it had
+                    self.log(f"retime failed, record kept: {cell.model} | {cell.variant} | {cell.task}: {err}")
+                    continue
                 record = _failed_record(cell, started, t0, err, env)
             self._write(record, summary)
 
@@ -164,10 +187,10 @@ class Runner:
 
     def _run_cell(self, cell, loaded, task, data, settings, started, t0, env) -> dict:
         variant = parse_variant(cell.variant)
+        batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
+        timing, memory = self._time(cell, loaded, variant, batch, settings)
         with patch(loaded.model, variant):
-            batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
             flops = self._count(cell, loaded, batch[:1])
-            timing, memory = self._time(cell, loaded, batch, settings)
             torch.manual_seed(settings.seed)
             metrics = task.evaluate(loaded, data, settings)
         record = _base_record(cell, started, t0, env)
@@ -187,16 +210,45 @@ class Runner:
                                 "input_shape": list(one.shape), "per": "image"}
         return self._flops[key]
 
-    def _time(self, cell: rec.Cell, loaded, batch: torch.Tensor, settings: Settings) -> tuple[dict, int]:
-        """Latency and peak memory of one batch, once per (model, variant, batch shape): tasks share it."""
+    def _retime_cell(self, old: dict, cell: rec.Cell, loaded, task, data, settings: Settings, env: dict) -> dict:
+        """``old`` with latency and memory measured again now; metrics, FLOPs and identity unchanged."""
+        batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
+        timing, memory = self._time(cell, loaded, parse_variant(cell.variant), batch, settings)
+        timing = {**timing, "retimed": {"at": rec.now(), "environment": env}}
+        return {**old, "timing": timing, "peak_memory_bytes": int(memory)}
+
+    def _time(self, cell: rec.Cell, loaded, variant: Variant, batch: torch.Tensor,
+              settings: Settings) -> tuple[dict, int]:
+        """Latency and peak memory of one batch, once per (model, variant, batch shape): tasks share it.
+
+        Timed in alternating rounds with exact attention on the same batch (unless the cell is the
+        exact reference itself); the record keeps both and their ratio as ``timing.speedup``.
+        """
         key = (cell.model, cell.variant, tuple(batch.shape), str(batch.dtype))
-        if key not in self._timings:
-            lat = measure_latency(lambda: loaded.embed(batch), warmup=self.config.timing_warmup,
-                                  repeats=self.config.timing_repeats, device=settings.device)
+        if key in self._timings:
+            return self._timings[key]
+
+        def entry(spec: Variant) -> Callable[[], contextlib.AbstractContextManager]:
+            @contextlib.contextmanager
+            def patched() -> Iterator[Callable[[], object]]:
+                with patch(loaded.model, spec):
+                    yield lambda: loaded.embed(batch)
+
+            return patched
+
+        reference = parse_variant(EXACT_REFERENCE)
+        paired = variant.canonical != reference.canonical
+        lats = measure_interleaved([entry(variant), *([entry(reference)] if paired else [])],
+                                   warmup=self.config.timing_warmup, repeats=self.config.timing_repeats,
+                                   device=settings.device)
+        with patch(loaded.model, variant):
             memory = peak_memory(lambda: loaded.embed(batch), device=settings.device)
-            timing = {**lat.as_dict(), "batch_size": int(batch.shape[0]),
-                      "images_per_s": lat.throughput(int(batch.shape[0]))}
-            self._timings[key] = (timing, int(memory))
+        n = int(batch.shape[0])
+        timing = {**lats[0].as_dict(), "batch_size": n, "images_per_s": lats[0].throughput(n)}
+        if paired:
+            timing["reference"] = {"variant": reference.canonical, **lats[1].as_dict()}
+            timing["speedup"] = lats[1].median / lats[0].median
+        self._timings[key] = (timing, int(memory))
         return self._timings[key]
 
     def _write(self, record: dict, summary: SweepSummary) -> None:
