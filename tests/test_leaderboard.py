@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fnabench.harness import records as rec_io
+from fnabench.harness.config import ConfigError, from_dict
 from fnabench.harness.leaderboard import (
     GFLOPS_HEADER,
     PARETO_MARK,
@@ -322,6 +323,19 @@ def test_publish_writes_folder_and_is_idempotent(tmp_path):
     assert again.keys() == snapshot.keys()
     for name in ("README.md", "config.toml", "plot.svg", *(f for f in files if f.startswith("records/"))):
         assert again[name] == snapshot[name], name
+
+
+def test_publish_puts_the_configs_description_under_the_title(tmp_path, monkeypatch):
+    from fnabench.harness import publish as pub
+
+    monkeypatch.setattr(pub, "plot", lambda records, stem: [])
+    results = _results(tmp_path)
+    config = 'models = ["timm:vit_small"]\ndescription = """\nDigits, **500** test images.\n"""\n'
+    (results / "sweep.toml").write_text(config)
+    readme = (publish(results, tmp_path / "lb") / "README.md").read_text()
+    assert readme.startswith("# Leaderboard: lb\n\nDigits, **500** test images.\n\n11 cells")
+    with pytest.raises(ConfigError, match="description must be a string"):
+        from_dict({"models": ["tiny:vit"], "tasks": ["fidelity:images"], "description": 3})
 
 
 def test_publish_drops_stale_files_and_notes_missing_matplotlib(tmp_path, monkeypatch):

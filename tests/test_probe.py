@@ -226,3 +226,15 @@ def test_real_dinov2_knn_fna_all_landmarks_equals_exact(dinov2_56):
     with fnabench.patch(dinov2_56.model, f"fna:m={tokens},pinv=exact"):
         fna = task.evaluate(dinov2_56, prepared, settings)
     assert fna == exact
+
+
+def test_offline_images_are_named_by_source_and_stem():
+    from fnabench.tasks.images import offline_images
+
+    images = offline_images("images")
+    names = [name for name, _ in images]
+    assert len(names) == len(set(names)) and names[-8:] == [f"synthetic/0-{i}" for i in range(8)]
+    for name, image in images:
+        source, stem = name.split("/")  # no absolute paths leak into names
+        assert source in ("skimage", "sklearn", "matplotlib", "synthetic") and stem and image.mode == "RGB"
+    assert [name for name, _ in offline_images("images", limit=3)] == names[:3]

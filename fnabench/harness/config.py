@@ -35,6 +35,7 @@ class SweepConfig:
     """What a sweep runs: the grid (models × image sizes × tasks × variants × seeds) and its settings."""
 
     name: str = "sweep"
+    description: str = ""  # Markdown; `fnabench publish` puts it under the leaderboard's title
     models: list[str] = field(default_factory=list)
     variants: list[str] = field(default_factory=lambda: ["exact"])
     tasks: list[str] = field(default_factory=list)
@@ -124,6 +125,8 @@ def validate(config: SweepConfig, where: str = "") -> SweepConfig:
             parse_variant(expand_variant(spec))
         except SpecError as err:
             raise ConfigError(f"{where}{err}") from None
+    if not isinstance(config.description, str):
+        raise ConfigError(f"{where}description must be a string (Markdown), got {type(config.description).__name__}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"{where}unknown dtype {config.dtype!r}; accepted: {', '.join(DTYPES)}")
     if not (config.device == "cpu" or config.device.startswith("cuda")):

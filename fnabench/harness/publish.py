@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .config import tomllib
 from .leaderboard import build_tables, plot, render
 from .records import latest_by_cell, read_records, write_record
 
@@ -45,6 +46,15 @@ def _environment_lines(records: list[dict]) -> list[str]:
         values = _values(records, get)
         lines.append(f"- {name}: {', '.join(f'`{v}`' for v in values) if values else 'not recorded'}")
     return lines
+
+
+def _description(config_file: Path) -> str:
+    """The sweep config's ``description`` (Markdown), or "" when it has none or does not parse."""
+    try:
+        value = tomllib.loads(config_file.read_text()).get("description", "")
+    except (OSError, tomllib.TOMLDecodeError):
+        return ""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
@@ -93,6 +103,9 @@ def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
     finished = max(r["finished"] for r in records)
     started = min(r["started"] for r in records)
     lines = [f"# Leaderboard: {dest.resolve().name}", ""]
+    description = _description(target) if has_config else ""
+    if description:
+        lines += [description, ""]
     lines.append(f"{len(records)} cells ({failed} failed) over {len(tables)} task(s). {_LEGEND}")
     lines.append("")
     if plot_paths:

@@ -6,6 +6,8 @@ optional); synthetic images are always available and identical on every machine.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -35,7 +37,7 @@ def _sklearn() -> list[tuple[str, Image.Image]]:
     except ImportError:
         return []
     bunch = load_sample_images()
-    return [(f"sklearn/{name.rsplit('.', 1)[0]}", Image.fromarray(img))
+    return [(f"sklearn/{Path(name).stem}", Image.fromarray(img))  # filenames are absolute paths
             for name, img in zip(bunch.filenames, bunch.images, strict=True)]
 
 
