@@ -6,8 +6,6 @@ import argparse
 import contextlib
 import csv
 import os
-import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +13,8 @@ from pathlib import Path
 import torch
 
 import fnabench
-from fnabench.harness.measure import Latency
+from fnabench.harness.measure import Latency, measure_interleaved
+from fnabench.harness.records import cpu_name
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -70,14 +69,7 @@ def device_name(device: torch.device) -> str:
     """Human name of the device: the GPU's name, or the CPU model from /proc/cpuinfo."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def cpu_count() -> int:
@@ -159,15 +151,6 @@ def fixed(fn: Callable[[], object]) -> Entry:
     return lambda: contextlib.nullcontext(fn)
 
 
-def latency_of(times: Sequence[float], device: torch.device) -> Latency:
-    """Summary of raw per-call seconds, with the same statistics as ``fnabench.measure_latency``."""
-    if len(times) >= 4:
-        q1, _, q3 = statistics.quantiles(times, n=4)
-    else:
-        q1, q3 = min(times), max(times)
-    return Latency(statistics.median(times), q1, q3, min(times), max(times), len(times), str(device))
-
-
 def _one_call(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds of one call, timed by ``fnabench.measure_latency`` (CUDA events on a GPU)."""
     return fnabench.measure_latency(fn, warmup=0, repeats=1, device=device).median
@@ -206,13 +189,7 @@ def time_all(
     total = sum(probes)
     if total * rounds > budget_s * len(entries):
         rounds = max(min(repeats, min_repeats), int(budget_s * len(entries) / max(total, 1e-9)))
-    times: list[list[float]] = [[] for _ in entries]
-    order = list(range(len(entries)))
-    for r in range(rounds):
-        for i in order if r % 2 == 0 else order[::-1]:
-            with entries[i]() as fn:
-                times[i].append(_one_call(fn, device))
-    return [latency_of(t, device) for t in times]
+    return measure_interleaved(entries, warmup=0, repeats=rounds, device=device)  # warmed up above
 
 
 def fmt(value: object, digits: int = 3) -> str:

@@ -64,6 +64,10 @@ def test_cells_are_timed_against_exact_in_the_same_window(sweep, tmp_path):
     ref = fna["timing"]["reference"]
     assert ref["variant"] == "exact:impl=sdpa" and ref["median_s"] > 0 and ref["repeats"] == 1
     assert fna["timing"]["speedup"] == pytest.approx(ref["median_s"] / fna["timing"]["median_s"])
+    from fnabench.harness.publish import publish
+
+    readme = (publish(out, tmp_path / "lb") / "README.md").read_text()
+    assert "the two timed in alternating rounds on the same batch" in readme
 
 
 def test_retime_remeasures_done_cells_and_keeps_their_results(sweep, tmp_path, capsys):
@@ -80,6 +84,11 @@ def test_retime_remeasures_done_cells_and_keeps_their_results(sweep, tmp_path, c
         assert new["metrics"] == old["metrics"] and new["flops"] == old["flops"] and new["started"] == old["started"]
         assert new["timing"]["retimed"]["at"] >= old["finished"]
         assert new["timing"]["retimed"]["environment"]["versions"]["torch"]
+    from fnabench.harness.publish import publish
+    from fnabench.harness.records import cpu_name
+
+    readme = (publish(out, tmp_path / "lb") / "README.md").read_text()
+    assert "latency of 3 cells re-measured with `fnabench run --retime`" in readme and f"`{cpu_name()} (" in readme
 
 
 def test_resume_computes_only_missing_cells(sweep, tmp_path, monkeypatch):

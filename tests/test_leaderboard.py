@@ -334,6 +334,7 @@ def test_publish_puts_the_configs_description_under_the_title(tmp_path, monkeypa
     (results / "sweep.toml").write_text(config)
     readme = (publish(results, tmp_path / "lb") / "README.md").read_text()
     assert readme.startswith("# Leaderboard: lb\n\nDigits, **500** test images.\n\n11 cells")
+    assert "each timed in its own cell" in readme  # hand-built records carry no paired timing
     with pytest.raises(ConfigError, match="description must be a string"):
         from_dict({"models": ["tiny:vit"], "tasks": ["fidelity:images"], "description": 3})
 

@@ -3,7 +3,8 @@
 One table per task; one row per model × variant cell (the latest record of each cell). Each row shows
 the task's metrics (primary first), counted GFLOPs (2 × multiply-adds), attention GFLOPs, the change
 of the primary metric against the ``exact`` row of the same model and settings, the speed-up against
-that row (exact median latency / variant median latency, same settings), images/s, and a ★ on rows
+exact (exact median latency / variant median latency, timed in alternating rounds on the same batch
+when the record carries that pairing), images/s, and a ★ on rows
 on the task's accuracy-vs-GFLOPs Pareto front. Failed cells stay in the table with their error.
 """
 

@@ -11,14 +11,24 @@ import shutil
 from pathlib import Path
 
 from .config import tomllib
-from .leaderboard import build_tables, plot, render
+from .leaderboard import EXACT_REFERENCE, build_tables, plot, render
 from .records import latest_by_cell, read_records, write_record
 
 PLOT_STEM = "plot"
 _LEGEND = ("GFLOPs are counted FLOPs of one forward pass at the record's input shape (1 FLOP = one multiply or add, "
            "so GFLOPs = 2 × multiply-accumulates / 1e9). Δ and speed-up compare with `exact` attention on the same "
-           "model and settings (speed-up = exact median latency / variant median latency); ★ marks the "
+           "model and settings (speed-up = exact median latency / variant median latency, {timing}); ★ marks the "
            "accuracy-vs-GFLOPs Pareto front of each task.")
+_PAIRED = "the two timed in alternating rounds on the same batch"
+_UNPAIRED = "each timed in its own cell"
+
+
+def _timing_note(records: list[dict]) -> str:
+    """How the speed-ups were timed: paired with exact in alternating rounds (the runner), or not (older records)."""
+    timed = [r for r in records if r["status"] == "ok" and r.get("timing") and "reference" in r["timing"]]
+    unpaired = [r for r in records if r["status"] == "ok" and r.get("timing") and "reference" not in r["timing"]
+                and r["variant"] != EXACT_REFERENCE]
+    return _PAIRED if timed and not unpaired else _UNPAIRED
 
 
 def _values(records: list[dict], get) -> list[str]:
@@ -31,6 +41,10 @@ def _values(records: list[dict], get) -> list[str]:
         if value not in (None, ""):
             out.add(str(value))
     return sorted(out)
+
+
+def _retime_devices(records: list[dict]) -> list[str]:
+    return _values(records, lambda r: "{device_name} ({git_revision})".format(**r["timing"]["retimed"]["environment"]))
 
 
 def _environment_lines(records: list[dict]) -> list[str]:
@@ -106,7 +120,8 @@ def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
     description = _description(target) if has_config else ""
     if description:
         lines += [description, ""]
-    lines.append(f"{len(records)} cells ({failed} failed) over {len(tables)} task(s). {_LEGEND}")
+    legend = _LEGEND.format(timing=_timing_note(records))
+    lines.append(f"{len(records)} cells ({failed} failed) over {len(tables)} task(s). {legend}")
     lines.append("")
     if plot_paths:
         lines += [f"![accuracy vs GFLOPs]({PLOT_STEM}.png)", ""]
@@ -118,6 +133,11 @@ def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
         lines.append(f"- command: `{command}`")
     lines.append(f"- runs: {started} to {finished} (from the records' start and finish times)")
     lines += _environment_lines(records)
+    retimed = sorted(r["timing"]["retimed"]["at"] for r in records
+                     if r["status"] == "ok" and isinstance((r.get("timing") or {}).get("retimed"), dict))
+    if retimed:
+        lines.append(f"- latency of {len(retimed)} cells re-measured with `fnabench run --retime`: {retimed[0]} to "
+                     f"{retimed[-1]}, on {', '.join(f'`{v}`' for v in _retime_devices(records))}")
     lines.append("- sweep config: [config.toml](config.toml)" if has_config else "- sweep config: not available")
     lines.append(f"- records: [records/](records/) ({len(records)} JSON files, one per cell)")
     lines += ["", "Regenerate this folder with `fnabench publish RESULTS DEST`; do not edit it by hand.", ""]

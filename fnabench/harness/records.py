@@ -128,9 +128,21 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     if device.startswith("cuda") and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
     else:
-        env["device_name"] = platform.processor() or platform.machine() or "cpu"
+        env["device_name"] = cpu_name()
     env["device"] = device
     return env
+
+
+def cpu_name() -> str:
+    """The CPU model (``model name`` in /proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def validate(record: dict[str, Any], source: str = "record") -> dict[str, Any]:
