@@ -361,3 +361,12 @@ def test_publish_drops_stale_files_and_notes_missing_matplotlib(tmp_path, monkey
     assert not (dest / "records" / "0000000000000000.json").exists()
     with pytest.raises(FileNotFoundError, match="sweep config"):
         publish(results, dest, config_path=tmp_path / "nope.toml")
+
+
+def test_points_drawn_on_top_of_each_other_share_one_label():
+    from fnabench.harness.leaderboard import _coincident
+
+    pts = [(12.25, 1.0, "exact"), (55.4, 0.978, "fna"), (12.25, 0.9999986, "mask"), (12.43, 0.88, "nystrom")]
+    groups = _coincident(pts)
+    assert [names for _, _, names in groups] == [["exact", "mask"], ["fna"], ["nystrom"]]
+    assert _coincident([(1.0, 2.0, "only")]) == [(1.0, 2.0, ["only"])]

@@ -374,6 +374,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "task"
 
 
+def _coincident(pts: list[tuple[float, float, str]], tol: float = 0.005) -> list[tuple[float, float, list[str]]]:
+    """Group points that would be drawn on top of each other (within ``tol`` of each axis' span), so they
+    share one label, e.g. ``exact = mask:tokens=all`` when masking changed nothing."""
+    xspan = (max(p[0] for p in pts) - min(p[0] for p in pts)) or 1.0
+    yspan = (max(p[1] for p in pts) - min(p[1] for p in pts)) or 1.0
+    groups: list[tuple[float, float, list[str]]] = []
+    for x, y, name in pts:
+        for gx, gy, names in groups:
+            if abs(x - gx) <= tol * xspan and abs(y - gy) <= tol * yspan:
+                names.append(name)
+                break
+        else:
+            groups.append((x, y, [name]))
+    return groups
+
+
 def _draw(ax: Any, table: Table) -> bool:
     """Draw one task's accuracy-vs-GFLOPs panel; False when nothing had both numbers."""
     markers = "osD^vP*Xhp<>"
@@ -390,8 +406,11 @@ def _draw(ax: Any, table: Table) -> bool:
     for i, (model, pts) in enumerate(series.items()):
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.scatter(xs, ys, marker=markers[i % len(markers)], label=model, zorder=3)
-        for x, y, name in pts:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for x, y, names in _coincident(pts):
+            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    xs = [p[0] for pts in series.values() for p in pts]
+    span = max(xs) - min(xs) or max(xs) or 1.0
+    ax.set_xlim(min(xs) - 0.05 * span, max(xs) + 0.6 * span)  # room for the labels of the costliest points
     front = sorted(((v["gflops"], float(v["metrics"][table.primary])) for v in table.values if v["pareto"]),
                    key=lambda p: (p[0], -p[1] if table.higher_is_better else p[1]))
     if front:
