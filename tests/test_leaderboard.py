@@ -370,3 +370,19 @@ def test_points_drawn_on_top_of_each_other_share_one_label():
     groups = _coincident(pts)
     assert [names for _, _, names in groups] == [["exact", "mask"], ["fna"], ["nystrom"]]
     assert _coincident([(1.0, 2.0, "only")]) == [(1.0, 2.0, ["only"])]
+
+
+def test_committed_offline_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/offline-dinov2s is generated, never hand-edited: its records and config give its README."""
+    from fnabench.harness import publish as pub
+
+    monkeypatch.setattr(pub, "plot", lambda records, stem: [stem.with_name(stem.name + ".png")])
+    src = Path(__file__).parent.parent / "leaderboards" / "offline-dinov2s"
+    dest = publish(src / "records", tmp_path / "offline-dinov2s", config_path=src / "config.toml",
+                   command="fnabench publish results/offline-dinov2s leaderboards/offline-dinov2s")
+    assert (dest / "README.md").read_text() == (src / "README.md").read_text()
+    records = rec_io.read_records(src / "records")
+    variants = {r["variant_short"] for r in records}
+    assert {"exact", "fna:layers=-6:,m=64", "fna:landmarks=random,layers=-6:,m=16", "nystrom:layers=-6:,m=64",
+            "mask:tokens=all", "fna:layers=-6:,m=64+mask:tokens=all"} <= variants
+    assert {r["image_size"] for r in records} == {224, 448} and all(r["status"] == "ok" for r in records)
