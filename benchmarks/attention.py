@@ -29,8 +29,8 @@ from benchutil import (
     int_list,
     rel_frobenius,
     report,
-    resolve_device,
-    spin_up,
+    run_sizes,
+    setup,
     time_all,
     timed,
 )
@@ -244,11 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    args.interleave = args.schedule == "interleaved" or (args.schedule == "auto" and device.type == "cpu")
-    dtype = DTYPES[args.dtype]
+    device, dtype = setup(args)
     args.dtype = str(dtype).replace("torch.", "")
     try:
         variants = [parse_variant(spec) for spec in split_specs(args.methods)]
@@ -262,12 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "GFLOPs counted (2 x multiply-adds); peak MB = memory above the inputs "
                                  + ("(peak CUDA allocated)" if device.type == "cuda" else
                                     "(peak RSS of a fresh process)")]), flush=True)
-    spin_up(device)
-    rows: list[dict] = []
-    for n in args.sizes:
-        rows.extend(run_size(args, n, variants, device, dtype))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    rows = run_sizes(args.sizes, lambda n: run_size(args, n, variants, device, dtype), device)
     report(rows, COLUMNS, args.csv, CSV_KEYS)
     return 0
 

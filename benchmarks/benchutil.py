@@ -44,6 +44,26 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", help="also write the rows to this CSV file")
 
 
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Apply ``--threads``; resolve ``--device``, the dtype and the timing schedule (sets ``args.interleave``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    args.interleave = args.schedule == "interleaved" or (args.schedule == "auto" and device.type == "cpu")
+    return device, DTYPES[args.dtype]
+
+
+def run_sizes(sizes: Sequence[int], run_size: Callable[[int], list[dict]], device: torch.device) -> list[dict]:
+    """Spin the device up, then the rows of every size in turn (CUDA cache emptied between sizes)."""
+    spin_up(device)
+    rows: list[dict] = []
+    for size in sizes:
+        rows.extend(run_size(size))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def int_list(text: str) -> list[int]:
     """argparse type: '256,512,1024' → [256, 512, 1024]."""
     try:

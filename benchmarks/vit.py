@@ -24,15 +24,14 @@ from collections.abc import Callable, Iterator
 
 import torch
 from benchutil import (
-    DTYPES,
     Entry,
     add_common_args,
     device_name,
     header,
     int_list,
     report,
-    resolve_device,
-    spin_up,
+    run_sizes,
+    setup,
     time_all,
 )
 
@@ -184,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         import timm
     except ImportError:
         raise SystemExit("benchmarks/vit.py needs timm: pip install 'fnabench[clip]'") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    args.interleave = args.schedule == "interleaved" or (args.schedule == "auto" and device.type == "cpu")
-    dtype = DTYPES[args.dtype]
+    device, dtype = setup(args)
     try:
         fnabench.parse_variant(f"fna:m={args.m},layers={args.layers}")
     except fnabench.SpecError as err:
@@ -199,12 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"timing schedule: {'interleaved' if args.interleave else 'sequential'}",
                                  "GFLOPs counted (2 x multiply-adds); speed-up vs the patched exact model; "
                                  "Amdahl bound = T_exact / T_null"]), flush=True)
-    spin_up(device)
-    rows: list[dict] = []
-    for size in args.sizes:
-        rows.extend(run_size(args, size, device, dtype))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    rows = run_sizes(args.sizes, lambda size: run_size(args, size, device, dtype), device)
     report(rows, COLUMNS, args.csv, CSV_KEYS)
     return 0
 

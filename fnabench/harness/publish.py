@@ -25,10 +25,8 @@ _UNPAIRED = "each timed in its own cell"
 
 def _timing_note(records: list[dict]) -> str:
     """How the speed-ups were timed: paired with exact in alternating rounds (the runner), or not (older records)."""
-    timed = [r for r in records if r["status"] == "ok" and r.get("timing") and "reference" in r["timing"]]
-    unpaired = [r for r in records if r["status"] == "ok" and r.get("timing") and "reference" not in r["timing"]
-                and r["variant"] != EXACT_REFERENCE]
-    return _PAIRED if timed and not unpaired else _UNPAIRED
+    timed = [r for r in records if r["status"] == "ok" and r.get("timing") and r["variant"] != EXACT_REFERENCE]
+    return _PAIRED if timed and all("reference" in r["timing"] for r in timed) else _UNPAIRED
 
 
 def _values(records: list[dict], get) -> list[str]:
