@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 import fnabench
-from fnabench.harness.measure import Latency, measure_interleaved
 from fnabench.harness.records import cpu_name
+from fnabench.measure import Latency, measure_interleaved
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -5,8 +5,8 @@ Public API: :func:`patch`, :func:`parse_variant`, :func:`count_flops`; the pure 
 """
 
 from .adapters import PatchHandle, UnsupportedModelError, patch
-from .harness.measure import FlopCount, count_flops, measure_latency, peak_memory
 from .harness.registry import load_model
+from .measure import FlopCount, count_flops, measure_latency, peak_memory
 from .variants import SpecError, Variant, parse_variant
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fnabench
-from fnabench.harness import measure
+from fnabench import measure
 
 timm = pytest.importorskip("timm")
 
@@ -130,7 +130,7 @@ def test_measure_interleaved_alternates_rounds_and_times_each_entry():
     import contextlib
     import time
 
-    from fnabench.harness.measure import measure_interleaved
+    from fnabench.measure import measure_interleaved
 
     log: list[str] = []
 

@@ -1,1 +1,1 @@
-"""Spec parsing, registries, runner, measurement, results, leaderboards, regression checks, CLI."""
+"""Registries, sweep configs, runner, records, leaderboards, regression checks, CLI."""

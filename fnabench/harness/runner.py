@@ -22,12 +22,12 @@ import torch
 
 from ..adapters import patch
 from ..adapters.loading import set_offline
+from ..measure import count_flops, measure_interleaved, peak_memory
 from ..tasks.base import Settings
 from ..variants import Variant, parse_variant
 from . import records as rec
 from .config import SweepConfig
 from .leaderboard import EXACT_REFERENCE
-from .measure import count_flops, measure_interleaved, peak_memory
 from .registry import load_model, make_task
 
 

@@ -18,7 +18,7 @@ from .mask import choose, detect_tokens, key_keep_mask, zero_values
 from .nystrom import segment_mean_attention
 from .spec import Component, SpecError, parse_components
 
-#: profiler range around every variant call; harness/measure.py counts FLOPs inside it as attention
+#: profiler range around every variant call; fnabench/measure.py counts FLOPs inside it as attention
 ATTENTION_RANGE = "fnabench::attention"
 
 

@@ -1,6 +1,6 @@
 """Counted FLOPs of a training step (forward + backward) and of one query's forward pass.
 
-Both go through ``fnabench.harness.measure.count_flops`` (2 × multiply-adds). It runs its callable
+Both go through ``fnabench.measure.count_flops`` (2 × multiply-adds). It runs its callable
 under ``no_grad``; the training-step callable re-enables grad itself so the backward pass is counted
 too, op by op. Attention is counted with transformers' eager implementation (the same matmuls as
 SDPA) because the CPU SDPA backward op has no FLOP formula. Optimizer updates and elementwise ops
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fnabench.harness.measure import count_flops
+from fnabench.measure import count_flops
 
 from .model import RecallGPT2, masked_mse
 
