@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ._errors import UserError
+
 #: importable name → the fnabench extra that installs it
 EXTRAS = {
     "open_clip": "clip",
@@ -26,7 +28,7 @@ EXTRAS = {
 }
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(UserError, ImportError):
     """A host library fnabench needs for this call is not installed."""
 
 

@@ -183,6 +183,8 @@ class Latency:
     max: float
     repeats: int
     device: str
+    times: tuple[float, ...] = ()  # every timed call, in order (rounds, for measure_interleaved)
+    others_busy: float | None = None  # CPU cores other processes kept busy meanwhile (Linux), else None
 
     @property
     def iqr(self) -> float:
@@ -194,7 +196,44 @@ class Latency:
 
     def as_dict(self) -> dict:
         return {"median_s": self.median, "q1_s": self.q1, "q3_s": self.q3, "min_s": self.min,
-                "max_s": self.max, "repeats": self.repeats, "device": self.device}
+                "max_s": self.max, "repeats": self.repeats, "device": self.device, "times_s": list(self.times),
+                "others_busy_cores": self.others_busy}
+
+
+class OtherLoad:
+    """How many CPU cores *other* processes kept busy while the block ran (Linux ``/proc/stat``).
+
+    All cores' busy time minus this process's own CPU time, per second of wall time. A timing taken
+    while another job ran is not comparable with one taken on a quiet machine, and this says which
+    it was. ``cores`` is None where ``/proc/stat`` is missing or the block was too short to tell (< 0.2 s).
+    """
+
+    MIN_WALL_S = 0.2
+
+    def __enter__(self) -> OtherLoad:
+        self.cores: float | None = None
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = self._sample()
+        if self._start is None or end is None:
+            return
+        wall, busy, own = (b - a for a, b in zip(self._start, end, strict=True))
+        if wall >= self.MIN_WALL_S:
+            self.cores = max(0.0, (busy - own) / wall)
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        ticks = os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return time.perf_counter(), (user + nice + system + irq + softirq + steal) / ticks, own.user + own.system
 
 
 def _sync(device: torch.device) -> None:
@@ -216,12 +255,13 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _summary(times: list[float], device: torch.device) -> Latency:
+def _summary(times: list[float], device: torch.device, others_busy: float | None = None) -> Latency:
     if len(times) >= 4:
         q1, _, q3 = statistics.quantiles(times, n=4)
     else:
         q1, q3 = min(times), max(times)
-    return Latency(statistics.median(times), q1, q3, min(times), max(times), len(times), str(device))
+    return Latency(statistics.median(times), q1, q3, min(times), max(times), len(times), str(device),
+                   tuple(times), others_busy)
 
 
 def measure_latency(
@@ -258,13 +298,15 @@ def measure_interleaved(
     Each entry is a context-manager factory that yields the call to time (e.g. a model patched with
     one variant); entering and leaving it is not timed. Every round enters each entry once and times
     one call, in reversed order every other round; the first round adds ``warmup`` untimed calls.
-    Returns one ``Latency`` per entry, in order: their ratios are the fair speed comparison.
+    Returns one ``Latency`` per entry, in order: their ratios are the fair speed comparison, and
+    ``times[r]`` of two entries are round ``r``'s pair. Each also says how busy other processes kept
+    the machine meanwhile (:class:`OtherLoad`).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"measure_interleaved: repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     device = torch.device(device)
     times: list[list[float]] = [[] for _ in entries]
-    with torch.no_grad():
+    with torch.no_grad(), OtherLoad() as load:
         for round_ in range(repeats):
             order = range(len(entries)) if round_ % 2 == 0 else reversed(range(len(entries)))
             for i in order:
@@ -273,7 +315,7 @@ def measure_interleaved(
                         fn()
                     _sync(device)
                     times[i].append(_timed_call(fn, device))
-    return [_summary(t, device) for t in times]
+    return [_summary(t, device, load.cores) for t in times]
 
 
 # ---------------------------------------------------------------------------------------------

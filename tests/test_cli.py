@@ -110,21 +110,34 @@ def test_resume_computes_only_missing_cells(sweep, tmp_path, monkeypatch):
     assert third.ran == [] and len(third.skipped) == 3
 
 
-def test_failing_cell_is_recorded_and_sweep_goes_on(sweep, tmp_path, capsys):
+def test_failing_cell_is_recorded_and_sweep_goes_on(sweep, tmp_path, capsys, monkeypatch):
+    import fnabench.variants.variant as variant_module
+
+    def broken(*args, **kwargs):
+        raise FloatingPointError("landmark block\nis singular")
+
+    monkeypatch.setattr(variant_module, "fna_attention", broken)  # a failure only running the cell finds
     out = tmp_path / "results"
-    code = main(["run", str(sweep), "--out", str(out), "--quiet",
-                 "--variants", "exact", "fna:m=4,tower=text", "fna:m=4"])
+    code = main(["run", str(sweep), "--out", str(out), "--quiet", "--variants", "exact", "fna:m=4", "nystrom:m=4"])
     assert code == 1
     records = {r["variant_short"]: r for r in rec.read_records(out)}
-    assert records["exact"]["status"] == "ok" and records["fna:m=4"]["status"] == "ok"
-    failed = records["fna:m=4,tower=text"]
-    assert failed["status"] == "failed" and "text" in failed["error"] and "\n" not in failed["error"]
+    assert records["exact"]["status"] == "ok" and records["nystrom:m=4"]["status"] == "ok"
+    failed = records["fna:m=4"]
+    assert failed["status"] == "failed" and "singular" in failed["error"] and "\n" not in failed["error"]
     captured = capsys.readouterr()
     assert "1 failed" in captured.out and "cell failed" in captured.err
     # the failed cell is retried on the next run, the good ones are not
-    summary = Runner(from_dict({**_tiny_dict(), "variants": ["exact", "fna:m=4,tower=text"], "out": str(out)}),
+    summary = Runner(from_dict({**_tiny_dict(), "variants": ["exact", "fna:m=4"], "out": str(out)}),
                      quiet=True).run()
     assert len(summary.failed) == 1 and len(summary.skipped) == 1
+
+
+def test_a_variant_the_model_cannot_take_fails_before_any_cell(sweep, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(sweep), "--out", str(out), "--quiet", "--variants", "exact", "fna:m=4,tower=text"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tiny:vit" in err and "tower=image|all" in err and "\n" not in err
+    assert not out.exists()
 
 
 def _tiny_dict():

@@ -205,7 +205,6 @@ def test_shapes_set_is_seeded_and_read_by_clip_benchmarks_builder(shapes_root):
     ("no_such_set", {}, "unknown CLIP_benchmark dataset 'no_such_set'; accepted:"),
     ("mscoco_captions", {"dataset_root": "/nonexistent/coco"}, "not found under '/nonexistent/coco'"),
     ("cifar10", {"dataset_root": "/nonexistent/cifar"}, "Dataset not found"),
-    ("shapes", {"num_images": 0}, "num_images must be in 1.."),
 ])
 def test_unavailable_datasets_are_one_line_task_errors(dataset, options, words, loaded, tmp_path, monkeypatch):
     monkeypatch.setenv("FNABENCH_CACHE", str(tmp_path))  # where clip_benchmark:shapes would generate
@@ -217,10 +216,11 @@ def test_unavailable_datasets_are_one_line_task_errors(dataset, options, words, 
 
 
 @pytest.mark.parametrize(("dataset", "options", "words"), [
-    ("mscoco_captions", {"bogus": 1}, "unknown option(s) ['bogus'] for clip_benchmark; accepted:"),
+    ("mscoco_captions", {"bogus": 1}, "clip_benchmark:mscoco_captions: unknown option(s) 'bogus'; accepted: amp,"),
+    ("shapes", {"num_images": 0}, "option num_images = 0 is not accepted; accepted: an integer >= 1"),
     ("winoground", {}, "task 'image_caption_selection' is not supported; accepted:"),
     ("wds/imagenet1k", {}, "webdataset sets are not supported"),
-    ("mscoco_captions", {"recall_k": [0]}, "recall_k must be integers >= 1"),
+    ("mscoco_captions", {"recall_k": [0]}, "recall_k = [0] is not accepted; accepted: an integer >= 1 or a list"),
 ])
 def test_bad_task_options_are_one_line_task_errors(dataset, options, words):
     with pytest.raises(TaskError) as err:

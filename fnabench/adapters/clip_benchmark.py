@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._errors import UserError
 from .._extras import require
 from ..variants import SpecError, parse_variant
 from .core import PatchHandle, patch
@@ -49,7 +50,7 @@ FNABENCH_OUTPUT = "{dataset}_{pretrained}_{model}_{language}_{task}_{variant}.js
 NO_PRETRAINED = "-"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A CLIP_benchmark dataset that cannot be built: unknown name, not on disk, bad split."""
 
 

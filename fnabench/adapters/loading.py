@@ -14,12 +14,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be loaded: unknown name, weights not cached offline, missing extra."""
+
+
+class ModelInputError(ModelLoadError):
+    """A model asked for something it cannot be (an unknown name, an image size it cannot take): a
+    mistake in what the user asked, caught before a sweep runs, unlike weights missing from a cache."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._extras import require
 from .core import AttentionKind, Site, additive_mask, install_forward, merge_heads, split_heads
-from .loading import LoadedModel, ModelLoadError, describe_load_failure, make_preprocess, split_tag
+from .loading import LoadedModel, ModelInputError, describe_load_failure, make_preprocess, split_tag
 
 LOOKS_FOR = ["open_clip.transformer.Attention"]
 
@@ -82,7 +82,7 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
     open_clip = require("open_clip")
     name, tag = split_tag(spec)
     if name not in open_clip.list_models():
-        raise ModelLoadError(f"open_clip:{spec}: unknown open_clip model; see open_clip.list_models()")
+        raise ModelInputError(f"open_clip:{spec}: unknown open_clip model; see open_clip.list_models()")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag,
                                                                      force_image_size=image_size)

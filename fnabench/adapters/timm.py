@@ -14,7 +14,7 @@ from .loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LoadedModel,
-    ModelLoadError,
+    ModelInputError,
     describe_load_failure,
     make_preprocess,
     split_tag,
@@ -74,7 +74,7 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
     full = name if tag in (None, "random") else f"{name}.{tag}"
     kwargs = {"img_size": image_size} if image_size else {}
     if not timm.is_model(name):
-        raise ModelLoadError(f"timm:{spec}: unknown timm model; list them with timm.list_models('*vit*')")
+        raise ModelInputError(f"timm:{spec}: unknown timm model; list them with timm.list_models('*vit*')")
     try:
         model = timm.create_model(full, pretrained=tag != "random", num_classes=0, **kwargs)
     except Exception as err:  # host/hub errors come in many types; one line says what to do

@@ -1,7 +1,8 @@
 """The ``fnabench`` command: run sweeps, render leaderboards, publish them, make and check baselines.
 
-User mistakes (bad config, unknown name, missing extra) print one line on stderr and exit 2;
-a sweep with failed cells finishes the others and exits 1.
+Exit status, the same for every command (``fnabench._errors``): 0 success; 1 a regression found by
+``check``, or a sweep with failed cells (it finishes the others); 2 a usage or input mistake, one line
+on stderr naming what is wrong and what is accepted, raised before any work; 3 a bug (traceback).
 """
 
 from __future__ import annotations
@@ -9,23 +10,16 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from .._argparse import OneLineParser
-from .._extras import MissingExtraError
-from ..adapters.loading import ModelLoadError
-from ..tasks.base import TaskError
-from ..variants import SpecError
+from .._errors import EXIT_FOUND, EXIT_OK, UserError, guarded
 from . import config as cfg
-from .records import RecordError, read_records
-from .registry import MODELS, TASKS, VARIANTS, RegistryError
-
-USER_ERRORS = (cfg.ConfigError, SpecError, RegistryError, MissingExtraError, ModelLoadError, TaskError,
-               RecordError, FileNotFoundError)
-EXIT_USAGE = 2
+from .leaderboard import FORMATS
+from .records import output_path, require_records
+from .registry import MODELS, TASKS, VARIANTS
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A bad command-line argument; one line."""
 
 
@@ -50,13 +44,13 @@ def _add_run(sub) -> None:
                      help="never touch the hub (default in the packaged sweep)")
     net.add_argument("--online", dest="offline", action="store_false", help="allow hub downloads")
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
-    p.add_argument("--format", default="github", help="leaderboard format printed at the end")
+    p.add_argument("--format", default="github", choices=FORMATS, help="leaderboard format printed at the end")
 
 
 def _add_results_commands(sub) -> None:
     p = sub.add_parser("leaderboard", help="render the leaderboard of a results folder")
     p.add_argument("results", nargs="+", help="results folder(s) or record files")
-    p.add_argument("--format", default="github", help="github | latex | html | csv")
+    p.add_argument("--format", default="github", choices=FORMATS, help="table format")
     p.add_argument("--plot", metavar="STEM", help="also write STEM.png and STEM.svg (accuracy vs GFLOPs)")
     p.add_argument("-o", "--output", help="write the table to this file instead of stdout")
 
@@ -113,25 +107,26 @@ def cmd_run(args) -> int:
                           device=args.device, dtype=args.dtype, seeds=args.seeds,
                           timing_repeats=args.timing_repeats, offline=args.offline)
     summary = Runner(config, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr), retime=args.retime).run()
-    records = read_records(summary.out)
-    print(render(records, args.format))
+    print(render(require_records(summary.out), args.format))
     print(summary.line())
-    return 0 if summary.ok else 1
+    return EXIT_OK if summary.ok else EXIT_FOUND
 
 
 def cmd_leaderboard(args) -> int:
     from .leaderboard import plot, render
 
-    records = read_records(args.results)
+    output = output_path(args.output, "--output") if args.output else None
+    stem = output_path(args.plot, "--plot") if args.plot else None
+    records = require_records(args.results)
     text = render(records, args.format)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    if output:
+        output.write_text(text + "\n")
     else:
         print(text)
-    if args.plot:
-        for path in plot(records, args.plot):
+    if stem:
+        for path in plot(records, stem):
             print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_publish(args) -> int:
@@ -140,7 +135,7 @@ def cmd_publish(args) -> int:
     command = "fnabench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     dest = publish(args.results, args.dest, command=command)
     print(f"published {dest}")
-    return 0
+    return EXIT_OK
 
 
 def _tolerances(items: list[str]) -> dict[str, float]:
@@ -158,22 +153,25 @@ def _tolerances(items: list[str]) -> dict[str, float]:
 
 
 def cmd_baseline(args) -> int:
-    from .gate import make_baseline, save_baseline
+    from .gate import make_baseline, save_baseline, tolerance_warnings
 
-    baseline = make_baseline(read_records(args.results), tolerances=_tolerances(args.tolerance),
+    output = output_path(args.output, "--output")
+    baseline = make_baseline(require_records(args.results), tolerances=_tolerances(args.tolerance),
                              default_tolerance=args.default_tolerance, speed_tolerance=args.speed_tolerance,
                              flops_tolerance=args.flops_tolerance)
-    path = save_baseline(baseline, args.output)
-    print(f"wrote {path}")
-    return 0
+    for warning in tolerance_warnings(baseline):
+        print(f"fnabench baseline: warning: {warning}", file=sys.stderr)
+    print(f"wrote {save_baseline(baseline, output)}")
+    return EXIT_OK
 
 
 def cmd_check(args) -> int:
     from .gate import check, load_baseline
 
-    report = check(read_records(args.results), load_baseline(args.baseline))
+    baseline = load_baseline(args.baseline)
+    report = check(require_records(args.results), baseline)
     print(report.render())
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_FOUND
 
 
 def cmd_list(args) -> int:
@@ -189,7 +187,7 @@ def cmd_list(args) -> int:
     width = max((len(k) for k, _ in rows), default=0)
     for key, help_text in rows:
         print(f"{key:{width}s}  {help_text}")
-    return 0
+    return EXIT_OK
 
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "publish": cmd_publish, "baseline": cmd_baseline,
@@ -197,18 +195,10 @@ COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "publish": cmd_publi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "recall":
-            return args.func(args)
-        return COMMANDS[args.command](args)
-    except (*USER_ERRORS, UsageError) as err:
-        print(f"fnabench: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("fnabench: interrupted; finished cells are saved, run again to resume", file=sys.stderr)
-        return 130
+    """Parse ``argv`` and run the command under the one exit-status rule (module docstring)."""
+    args = build_parser().parse_args(argv)
+    command = args.func if args.command == "recall" else COMMANDS[args.command]
+    return guarded("fnabench", lambda: command(args))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from .._errors import UserError
+from .._extras import MissingExtraError
 from ..variants import SpecError, parse_variant
-from .registry import MODELS, TASKS, RegistryError, expand_variant
+from .registry import MODELS, RegistryError, expand_variant, make_task
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,7 +28,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DEFAULT_CONFIG = "default_sweep.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A sweep config that cannot run; one line naming what is wrong and what is accepted."""
 
 
@@ -83,6 +85,17 @@ def _as_list(key: str, value: Any, kind: type | tuple[type, ...]) -> list:
     return items
 
 
+#: scalar config keys and the TOML types they take (a string "yes" is not a boolean)
+_SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
+    "name": ((str,), "a string"), "description": ((str,), "a string (Markdown)"),
+    "batch_size": ((int,), "an integer >= 1"), "device": ((str,), "a string: cpu, cuda or cuda:N"),
+    "dtype": ((str,), f"one of {', '.join(DTYPES)}"), "limit": ((int, type(None)), "an integer >= 1"),
+    "timing_repeats": ((int,), "an integer >= 1"), "timing_warmup": ((int,), "an integer >= 0"),
+    "offline": ((bool,), "true or false"), "out": ((str, type(None)), "a folder path (string)"),
+    "task_options": ((dict,), "a table of tables, one per task"),
+}
+
+
 def from_dict(data: dict[str, Any], source: str | None = None) -> SweepConfig:
     """Build and validate a config from parsed TOML (or any dict with the same keys)."""
     where = f"{source}: " if source else ""
@@ -93,55 +106,93 @@ def from_dict(data: dict[str, Any], source: str | None = None) -> SweepConfig:
             raise ConfigError(f"{where}unknown config key {key!r}; accepted: {', '.join(sorted(_KEYS))}")
         values[target] = value
     try:
-        for key, kind in (("models", str), ("variants", str), ("tasks", str), ("seeds", int)):
+        for key, kind in (("models", str), ("variants", str), ("tasks", str), ("seeds", int), ("image_sizes", int)):
             if key in values:
                 values[key] = _as_list(key, values[key], kind)
-        if "image_sizes" in values:
-            values["image_sizes"] = _as_list("image_sizes", values["image_sizes"], int)
-        config = SweepConfig(**values, source=source)
-    except TypeError as err:
+    except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
-    return validate(config, where)
+    return validate(SweepConfig(**values, source=source), where)
+
+
+def _check_types(config: SweepConfig, where: str) -> None:
+    for key, (kinds, accepted) in _SCALARS.items():
+        value = getattr(config, key)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ConfigError(f"{where}config key {key!r} = {value!r} is a {type(value).__name__}; "
+                              f"accepted: {accepted}")
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it: ``cpu``, or ``cuda``/``cuda:N`` where torch sees that GPU."""
+    if device == "cpu":
+        return device
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"unknown device {device!r}; accepted: cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU here (torch "
+                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); accepted here: cpu")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: torch sees {torch.cuda.device_count()} GPU(s); "
+                          f"accepted: cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def validate(config: SweepConfig, where: str = "") -> SweepConfig:
-    """Check every name and value now, so no cell fails for a typo."""
+    """Check every name, type and value now, so no cell fails for a typo.
+
+    Tasks are built here (not prepared): that checks their suffix and every option against what
+    the task declares. What needs a loaded model (layer ranges against its depth, image sizes it
+    can take) is checked by the runner's preflight, still before any cell runs.
+    """
+    from ..tasks.base import TaskError
+
+    _check_types(config, where)
     if not config.models:
         raise ConfigError(f"{where}no models; set models = [...], e.g. 'tiny:vit' or 'timm:vit_base_patch16_224'")
     if not config.tasks:
         raise ConfigError(f"{where}no tasks; set tasks = [...], e.g. 'fidelity:images'")
+    if not config.variants:
+        raise ConfigError(f"{where}no variants; set variants = [...], e.g. 'exact' and 'fna:m=64'")
     for name in config.models:
         try:
             MODELS.resolve(name)
         except RegistryError as err:
             raise ConfigError(f"{where}{err}") from None
+    for task, options in config.task_options.items():
+        if task not in config.tasks or not isinstance(options, dict):
+            raise ConfigError(f"{where}task_options.{task!r} must name a task of this sweep "
+                              f"({', '.join(config.tasks)}) and be a table")
     for name in config.tasks:
         try:
-            TASKS.resolve(name)
-        except RegistryError as err:
+            make_task(name, config.task_options.get(name))
+        except (RegistryError, TaskError, MissingExtraError) as err:
             raise ConfigError(f"{where}{err}") from None
     for spec in config.variants:
         try:
             parse_variant(expand_variant(spec))
         except SpecError as err:
             raise ConfigError(f"{where}{err}") from None
-    if not isinstance(config.description, str):
-        raise ConfigError(f"{where}description must be a string (Markdown), got {type(config.description).__name__}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"{where}unknown dtype {config.dtype!r}; accepted: {', '.join(DTYPES)}")
-    if not (config.device == "cpu" or config.device.startswith("cuda")):
-        raise ConfigError(f"{where}unknown device {config.device!r}; accepted: cpu, cuda, cuda:N")
+    try:
+        check_device(config.device)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
     for key in ("batch_size", "timing_repeats"):
-        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
+        if getattr(config, key) < 1:
             raise ConfigError(f"{where}{key} must be an integer >= 1, got {getattr(config, key)!r}")
-    if config.limit is not None and (not isinstance(config.limit, int) or config.limit < 1):
+    if config.timing_warmup < 0:
+        raise ConfigError(f"{where}timing_warmup must be an integer >= 0, got {config.timing_warmup!r}")
+    if config.limit is not None and config.limit < 1:
         raise ConfigError(f"{where}limit must be an integer >= 1, got {config.limit!r}")
+    if not config.seeds:
+        raise ConfigError(f"{where}no seeds; set seeds = [0] or leave the key out")
     for size in config.image_sizes:
         if size is not None and size < 8:
             raise ConfigError(f"{where}image size {size} is too small; accepted: integers >= 8 (pixels)")
-    for task, options in config.task_options.items():
-        if task not in config.tasks or not isinstance(options, dict):
-            raise ConfigError(f"{where}task_options.{task!r} must name a task of this sweep and be a table")
+    if not config.image_sizes:
+        raise ConfigError(f"{where}image_sizes is empty; leave the key out for each model's own size")
     return config
 
 
@@ -163,6 +214,11 @@ def load(path: str | Path | None = None) -> SweepConfig:
 
 
 def override(config: SweepConfig, **changes: Any) -> SweepConfig:
-    """Apply CLI overrides (``None`` means not given) and re-validate."""
+    """Apply CLI overrides (``None`` means not given) and re-validate.
+
+    ``tasks`` replaces the task list; options of tasks no longer in it are dropped with them.
+    """
     given = {k: v for k, v in changes.items() if v is not None}
+    if "tasks" in given:
+        given["task_options"] = {t: o for t, o in config.task_options.items() if t in given["tasks"]}
     return validate(replace(config, **given))

@@ -2,9 +2,14 @@
 
 A baseline stores, per cell, each metric with its value, absolute tolerance and direction, the
 counted FLOPs, and the cell's speed ratio against ``exact`` measured in the same run (absolute times
-are too noisy on shared machines to gate on). :func:`check` fails when a metric moves in its bad
-direction past its tolerance, counted FLOPs change past a relative tolerance, a speed ratio falls
-past its relative tolerance, or a baseline cell is missing, failed, or lacks a number it had.
+are too noisy on shared machines to gate on), with the spread of that ratio over its timing rounds.
+:func:`check` fails when a metric moves in its bad direction past its tolerance, counted FLOPs change
+past a relative tolerance, a speed ratio falls past what both the tolerance and the two runs' measured
+noise allow, or a baseline cell is missing, failed, or lacks a number it had.
+
+Speed is judged like with like: a ratio timed on another CPU, or while other processes kept the
+machine busy in one run and not the other, is reported as not judged instead of failing. So an
+identical rerun does not fail, and a real slow-down larger than the noise still does.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +25,20 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .._errors import UserError
 from .leaderboard import exact_references, fmt_number, reference_key, speedup
 from .records import latest_by_cell, write_text_atomic
 
-BASELINE_FORMAT = 1
+BASELINE_FORMAT = 2
+_READS_FORMATS = (1, 2)  # format 1 had no timing spread: its speed ratios are judged by the tolerance alone
 _FORMAT_KEY = "fnabench_baseline"
+#: how many standard errors of the difference of two log speed ratios count as noise
+NOISE_Z = 3.0
+#: a run whose timing had other processes keep this many more CPU cores busy than the other run is not comparable
+BUSY_CORES = 0.5
 
 
-class BaselineError(ValueError):
+class BaselineError(UserError, ValueError):
     """A baseline file or object that cannot be used (one-line message)."""
 
 
@@ -38,6 +50,51 @@ def _check_tolerance(name: str, value: Any) -> float:
     if not _finite(value) or value < 0:
         raise BaselineError(f"tolerance for {name} must be a non-negative number, got {value!r}")
     return float(value)
+
+
+@dataclass(frozen=True)
+class SpeedSample:
+    """A cell's speed-up vs exact as one run measured it: the ratio, its spread over rounds, and the conditions."""
+
+    ratio: float
+    log_sd: float | None  # standard deviation of log(per-round paired ratio); None with < 2 paired rounds
+    rounds: int
+    others_busy: float | None  # CPU cores other processes kept busy while it was timed
+    device_name: str | None
+
+    def standard_error(self, pooled_sd: float | None) -> float | None:
+        """Standard error of the log ratio: the larger of the cell's own and the run's pooled spread, over √rounds.
+
+        The pooled spread guards against two rounds that happened to agree; a median over three or
+        more rounds is 1.25× as noisy as a mean.
+        """
+        sds = [sd for sd in (self.log_sd, pooled_sd) if sd is not None]
+        if not sds or self.rounds < 1:
+            return None
+        return max(sds) * (1.2533 if self.rounds >= 3 else 1.0) / math.sqrt(self.rounds)
+
+
+def speed_sample(rec: Mapping[str, Any], ref: Mapping[str, Any] | None) -> SpeedSample | None:
+    """The :class:`SpeedSample` of an ok record (``ref``: its exact reference), None when it was not timed."""
+    ratio = speedup(rec, ref)
+    if ratio is None:
+        return None
+    timing = rec.get("timing") or {}
+    rounds = [r for r in timing.get("speedup_rounds") or [] if _finite(r) and r > 0]
+    log_sd = statistics.stdev(math.log(r) for r in rounds) if len(rounds) >= 2 else None
+    busy = timing.get("others_busy_cores")
+    return SpeedSample(ratio, log_sd, len(rounds) or int(timing.get("repeats") or 1),
+                       float(busy) if _finite(busy) else None, (rec.get("environment") or {}).get("device_name"))
+
+
+def pooled_log_sd(samples: Iterable[SpeedSample | None]) -> float | None:
+    """The run's typical spread of a log speed ratio: root mean square of the cells' own spreads."""
+    sds = [s.log_sd for s in samples if s is not None and s.log_sd is not None]
+    return math.sqrt(sum(sd * sd for sd in sds) / len(sds)) if sds else None
+
+
+def _tolerance_log(speed_tolerance: float) -> float:
+    return math.inf if speed_tolerance >= 1 else -math.log1p(-speed_tolerance)
 
 
 def make_baseline(records: Iterable[dict], *, tolerances: Mapping[str, float] | None = None,
@@ -63,6 +120,7 @@ def make_baseline(records: Iterable[dict], *, tolerances: Mapping[str, float] | 
     refs = exact_references(latest)
     cells: dict[str, Any] = {}
     excluded: dict[str, str] = {}
+    samples: list[SpeedSample | None] = []
     for r in latest:
         if r["status"] != "ok":
             excluded[r["id"]] = f"{r['model']} {r['variant_short']} on {r['task']}: failed"
@@ -75,18 +133,58 @@ def make_baseline(records: Iterable[dict], *, tolerances: Mapping[str, float] | 
                              "higher_is_better": None if hib is None else bool(hib)}
         flops = r.get("flops") or {}
         ref = refs.get(reference_key(r))
-        ratio = speedup(r, ref) if ref is not r else None
+        sample = speed_sample(r, ref) if ref is not r else None
+        samples.append(sample)
         cells[r["id"]] = {
             "model": r["model"], "variant": r["variant"], "variant_short": r["variant_short"], "task": r["task"],
             "settings": {k: r["settings"][k] for k in sorted(r["settings"])},
             "metrics": metrics,
             "flops": flops.get("total"),
             "gflops": flops["total"] / 1e9 if isinstance(flops.get("total"), int) else None,
-            "speed_ratio": ratio,
+            "speed_ratio": sample.ratio if sample else None,
+            "speed": None if sample is None else {"log_sd": sample.log_sd, "rounds": sample.rounds,
+                                                  "others_busy_cores": sample.others_busy,
+                                                  "device_name": sample.device_name},
         }
     return {_FORMAT_KEY: BASELINE_FORMAT, "default_tolerance": default_tolerance,
             "speed_tolerance": speed_tolerance, "flops_tolerance": flops_tolerance,
+            "speed_noise": {"pooled_log_sd": pooled_log_sd(samples), "z": NOISE_Z, "busy_cores": BUSY_CORES},
             "tolerances": dict(sorted(tolerances.items())), "cells": cells, "excluded": excluded}
+
+
+def _baseline_sample(cell: Mapping[str, Any]) -> SpeedSample | None:
+    speed = cell.get("speed") or {}
+    if cell.get("speed_ratio") is None:
+        return None
+    return SpeedSample(float(cell["speed_ratio"]), speed.get("log_sd"), int(speed.get("rounds") or 1),
+                       speed.get("others_busy_cores"), speed.get("device_name"))
+
+
+def tolerance_warnings(baseline: Mapping[str, Any]) -> list[str]:
+    """What the run a baseline was made from cannot support: speed cells whose own timing noise is larger
+    than the speed tolerance (they will be judged against the noise), and timing under load."""
+    tol = float(baseline["speed_tolerance"])
+    noise = baseline.get("speed_noise") or {}
+    pooled, z = noise.get("pooled_log_sd"), float(noise.get("z", NOISE_Z))
+    samples = [s for s in map(_baseline_sample, baseline["cells"].values()) if s is not None]
+    out = []
+    loose = []
+    for s in samples:
+        se = s.standard_error(pooled)
+        if se is not None and z * math.sqrt(2) * se > _tolerance_log(tol):
+            loose.append((z * math.sqrt(2) * se, s.rounds))
+    if loose:
+        worst, rounds = max(loose)
+        need = math.ceil(rounds * (worst / _tolerance_log(tol)) ** 2)
+        out.append(f"{len(loose)} of {len(samples)} speed-up cell(s) were timed too noisily for the speed tolerance "
+                   f"{tol:.0%}: an identical rerun can move them by up to {math.expm1(worst):.0%} ({z:g}σ over "
+                   f"{rounds} round(s)), so check will judge them against that noise instead; for the tolerance "
+                   f"to hold, run the sweep with --timing-repeats {need} or more")
+    busy = [s.others_busy for s in samples if s.others_busy is not None and s.others_busy > BUSY_CORES]
+    if busy:
+        out.append(f"{len(busy)} speed-up cell(s) were timed while other processes kept up to {max(busy):.1f} CPU "
+                   "core(s) busy; a check on a quiet machine will not judge them: make the baseline on a quiet one")
+    return out
 
 
 def _validate_baseline(obj: Any, source: str) -> dict[str, Any]:
@@ -95,8 +193,9 @@ def _validate_baseline(obj: Any, source: str) -> dict[str, Any]:
 
     if not isinstance(obj, dict):
         raise bad(f"expected a JSON object, got {type(obj).__name__}")
-    if obj.get(_FORMAT_KEY) != BASELINE_FORMAT:
-        raise bad(f"{_FORMAT_KEY!r} must be {BASELINE_FORMAT}; make one with `fnabench baseline RESULTS -o FILE`")
+    if obj.get(_FORMAT_KEY) not in _READS_FORMATS:
+        raise bad(f"{_FORMAT_KEY!r} must be one of {', '.join(map(str, _READS_FORMATS))}; "
+                  "make one with `fnabench baseline RESULTS -o FILE`")
     for key in ("speed_tolerance", "flops_tolerance"):
         if not _finite(obj.get(key)) or obj[key] < 0:
             raise bad(f"{key!r} must be a non-negative number")
@@ -120,6 +219,10 @@ def _validate_baseline(obj: Any, source: str) -> dict[str, Any]:
             raise bad(f"cell {cid} 'flops' must be an integer or null")
         if cell.get("speed_ratio") is not None and not _finite(cell["speed_ratio"]):
             raise bad(f"cell {cid} 'speed_ratio' must be a number or null")
+        speed = cell.get("speed")
+        if speed is not None and (not isinstance(speed, dict) or any(
+                speed.get(k) is not None and not _finite(speed[k]) for k in ("log_sd", "rounds", "others_busy_cores"))):
+            raise bad(f"cell {cid} 'speed' must be an object with numeric log_sd, rounds, others_busy_cores")
     return obj
 
 
@@ -164,6 +267,7 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     checked: int = 0
     new_cells: list[str] = field(default_factory=list)
+    not_judged: list[str] = field(default_factory=list)  # speed-ups whose two timings are not comparable, and why
 
     @property
     def ok(self) -> bool:
@@ -173,15 +277,20 @@ class CheckReport:
         return self.ok
 
     def render(self, fmt: str = "github") -> str:
-        """A summary line, then (when something moved) a table: cell, what, baseline, now, allowed."""
+        """A summary line, then (when something moved) a table: cell, what, baseline, now, allowed; then the
+        speed-ups left unjudged, one line each with the reason."""
+        notes = "".join(f"- {line}\n" for line in self.not_judged)
+        if notes:
+            notes = f"\n{len(self.not_judged)} speed-up(s) not judged (timings not comparable):\n{notes}"
         if self.ok:
             line = f"OK: {self.checked} baseline cell(s) checked, nothing moved past its tolerance"
-            return line + (f" ({len(self.new_cells)} new cell(s) not in the baseline)\n" if self.new_cells else "\n")
+            new = f" ({len(self.new_cells)} new cell(s) not in the baseline)" if self.new_cells else ""
+            return f"{line}{new}\n{notes}"
         rows = [[p.cell, p.what, p.baseline, p.now, p.allowed] for p in self.problems]
         tablefmt = "pipe" if fmt in ("github", "markdown") else fmt
         table = tabulate(rows, headers=["cell", "what", "baseline", "now", "allowed"], tablefmt=tablefmt,
                          disable_numparse=True)
-        return (f"FAILED: {len(self.problems)} problem(s) in {self.checked} baseline cell(s)\n\n{table}\n")
+        return f"FAILED: {len(self.problems)} problem(s) in {self.checked} baseline cell(s)\n\n{table}\n{notes}"
 
 
 def _cell_label(cell: Mapping[str, Any]) -> str:
@@ -219,6 +328,10 @@ def check(records: Iterable[dict], baseline: Mapping[str, Any]) -> CheckReport:
     refs = exact_references(latest)
     speed_tol = float(baseline["speed_tolerance"])
     flops_tol = float(baseline["flops_tolerance"])
+    noise = baseline.get("speed_noise") or {}
+    base_pooled, z = noise.get("pooled_log_sd"), float(noise.get("z", NOISE_Z))
+    now_pooled = pooled_log_sd(speed_sample(r, refs.get(reference_key(r))) for r in latest
+                               if r["status"] == "ok" and refs.get(reference_key(r)) is not r)
     report = CheckReport(checked=len(baseline["cells"]),
                          new_cells=sorted(cid for cid in by_id if cid not in baseline["cells"]))
 
@@ -249,15 +362,36 @@ def check(records: Iterable[dict], baseline: Mapping[str, Any]) -> CheckReport:
             elif (abs(now_flops - base_flops) > flops_tol * abs(base_flops)) if base_flops else now_flops != 0:
                 change = f" ({(now_flops - base_flops) / base_flops:+.2%})" if base_flops else ""
                 add("GFLOPs", fmt_number(base_flops / 1e9), fmt_number(now_flops / 1e9) + change, allowed)
-        base_ratio = cell.get("speed_ratio")
-        if base_ratio is not None:
+        base = _baseline_sample(cell)
+        if base is not None:
             ref = refs.get(reference_key(rec))
-            ratio = speedup(rec, ref) if ref is not rec else None
-            floor = base_ratio * (1 - speed_tol)
-            allowed = f"≥ {floor:.2f}× (−{speed_tol:.0%})"
-            if ratio is None:
-                add("speed-up vs exact", f"{base_ratio:.2f}×", "not measured", allowed)
-            elif ratio < floor * (1 - 1e-9):
-                add("speed-up vs exact", f"{base_ratio:.2f}×", f"{ratio:.2f}× ({ratio / base_ratio - 1:+.0%})",
-                    allowed)
+            now = speed_sample(rec, ref) if ref is not rec else None
+            judged = _speed_problem(base, now, speed_tol, base_pooled, now_pooled, z)
+            if isinstance(judged, str):
+                report.not_judged.append(f"{label}: {judged}")
+            elif judged is not None:
+                add("speed-up vs exact", f"{base.ratio:.2f}×", *judged)
     return report
+
+
+def _speed_problem(base: SpeedSample, now: SpeedSample | None, tol: float, base_pooled: float | None,
+                   now_pooled: float | None, z: float) -> tuple[str, str] | str | None:
+    """(now, allowed) when the speed-up fell past both the tolerance and the noise; a reason string when the two
+    runs' timings are not comparable; None when it holds."""
+    if now is None:
+        return "not measured", f"≥ {base.ratio * (1 - tol):.2f}× (−{tol:.0%})"
+    if base.device_name and now.device_name and base.device_name != now.device_name:
+        return f"speed-up not judged: timed on {now.device_name!r}, the baseline on {base.device_name!r}"
+    if base.others_busy is not None and now.others_busy is not None \
+            and abs(now.others_busy - base.others_busy) > BUSY_CORES:
+        return (f"speed-up not judged: other processes kept {now.others_busy:.1f} CPU core(s) busy while it was "
+                f"timed, {base.others_busy:.1f} in the baseline ({now.ratio:.2f}× vs {base.ratio:.2f}×)")
+    ses = [se for se in (base.standard_error(base_pooled), now.standard_error(now_pooled)) if se is not None]
+    noise = z * math.sqrt(sum(se * se for se in ses)) if len(ses) == 2 else 0.0
+    allowed = max(_tolerance_log(tol), noise)
+    floor = base.ratio * math.exp(-allowed)
+    if now.ratio >= floor * (1 - 1e-9):
+        return None
+    why = f"timing noise, {z:g}σ" if noise > _tolerance_log(tol) else "tolerance"
+    return (f"{now.ratio:.2f}× ({now.ratio / base.ratio - 1:+.0%})",
+            f"≥ {floor:.2f}× (−{-math.expm1(-allowed):.0%}, {why})")

@@ -22,6 +22,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .._errors import UserError
 from .records import latest_by_cell
 
 #: the canonical reference variant; any "exact:..." variant without "+" also counts as exact
@@ -349,10 +350,14 @@ def render_table(table: Table, fmt: str = "github") -> str:
     return f"<h3>{title}</h3>\n{body}\n"
 
 
+class FormatError(UserError, ValueError):
+    """An output format no renderer has."""
+
+
 def _check_format(fmt: str) -> str:
     fmt = fmt.lower()
     if fmt not in FORMATS:
-        raise ValueError(f"unknown leaderboard format {fmt!r}; accepted: {', '.join(FORMATS)}")
+        raise FormatError(f"unknown leaderboard format {fmt!r}; accepted: {', '.join(FORMATS)}")
     return fmt
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import tomllib
 from .leaderboard import EXACT_REFERENCE, build_tables, plot, render
-from .records import latest_by_cell, read_records, write_record
+from .records import RecordError, latest_by_cell, output_path, require_records, write_record
 
 PLOT_STEM = "plot"
 _LEGEND = ("GFLOPs are counted FLOPs of one forward pass at the record's input shape (1 FLOP = one multiply or add, "
@@ -72,11 +72,12 @@ def _description(config_file: Path) -> str:
 def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
             config_path: str | os.PathLike | None = None, command: str | None = None) -> Path:
     """Write ``dest_dir``/README.md, plot.png/.svg, config.toml and records/ from ``results_dir``; returns dest."""
-    results_dir, dest = Path(results_dir), Path(dest_dir)
-    records = sorted(latest_by_cell(read_records(results_dir)), key=lambda r: r["id"])
-    if not records:
-        raise ValueError(f"no records under {results_dir}: nothing to publish")
-    dest.mkdir(parents=True, exist_ok=True)
+    results_dir = Path(results_dir)
+    records = sorted(latest_by_cell(require_records(results_dir)), key=lambda r: r["id"])
+    config = Path(config_path) if config_path is not None else results_dir / "sweep.toml"
+    if config_path is not None and not config.is_file():
+        raise RecordError(f"sweep config {str(config)!r} not found; accepted: an existing TOML file")
+    dest = output_path(dest_dir, "leaderboard folder", folder=True)
 
     # records/: the latest record of every cell, in the canonical on-disk form; stale ones removed
     rec_dir = dest / "records"
@@ -89,9 +90,6 @@ def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
         write_record(rec_dir, r)
 
     # config.toml: the given sweep config, else RESULTS/sweep.toml
-    config = Path(config_path) if config_path is not None else results_dir / "sweep.toml"
-    if config_path is not None and not config.is_file():
-        raise FileNotFoundError(f"sweep config {config} not found")
     target = dest / "config.toml"
     has_config = config.is_file()
     if has_config:

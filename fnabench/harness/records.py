@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .._errors import UserError
+
 SCHEMA_VERSION = 1
 
 #: fields every record has, and their JSON types
@@ -51,7 +53,7 @@ IDENTITY_SETTINGS = ("image_size", "dtype", "device", "batch_size", "limit", "se
 STATUSES = ("ok", "failed")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record file that does not follow the schema."""
 
 
@@ -178,12 +180,52 @@ def write_record(directory: str | os.PathLike, record: dict[str, Any]) -> Path:
     return write_text_atomic(Path(directory) / f"{record['id']}.json", json.dumps(record, indent=2, sort_keys=True))
 
 
+class OutputPathError(UserError, ValueError):
+    """An output path that cannot be written as asked (a file where a folder goes, a missing parent tree)."""
+
+
+def output_path(path: str | os.PathLike, what: str, *, folder: bool = False, create: bool = True) -> Path:
+    """``path`` checked for writing ``what`` (a file, or a folder when ``folder``); makes its parent folder
+    (and the folder itself when ``folder``) unless ``create`` is false.
+
+    Only one missing level is made: ``baselines/x.json`` in a fresh clone is fine, but a path whose
+    grandparent is missing too is taken for a typo and refused, instead of creating a tree up to the root.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {str(path)!r} is a file; accepted: a folder (new or existing)")
+    if not folder and path.is_dir():
+        raise OutputPathError(f"{what} {str(path)!r} is a folder; accepted: a file path")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputPathError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not parent.exists():
+        if not parent.parent.is_dir():
+            raise OutputPathError(f"{what} {str(path)!r}: neither {str(parent)!r} nor its parent exists; "
+                                  "accepted: a path whose folder, or the folder above it, exists")
+        if create:
+            parent.mkdir(exist_ok=True)
+    if folder and create:
+        path.mkdir(exist_ok=True)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (plus a final newline) to ``path`` via a temp file and rename: never half-written."""
+    """Write ``text`` (plus a final newline) to ``path`` via a temp file and rename: never half-written.
+
+    The file gets the mode a plain ``open()`` would give it (0666 less the umask), not the temp file's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text.rstrip("\n") + "\n")
             f.flush()
@@ -201,7 +243,7 @@ def record_files(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"no results at {path}: expected a folder of records or a record file")
+        raise RecordError(f"no results at {str(path)!r}: expected a folder of records or a record file")
     return sorted(p for p in path.rglob("*.json") if not p.name.startswith(".") and p.name != "baseline.json")
 
 
@@ -224,6 +266,16 @@ def read_records(paths: str | os.PathLike | Iterable[str | os.PathLike], *, stri
                 if strict:
                     raise
     return out
+
+
+def require_records(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict]:
+    """:func:`read_records`, refusing a folder with no records in it (an empty table is a mistake, not a result)."""
+    records = read_records(paths)
+    if not records:
+        names = [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
+        raise RecordError(f"no records under {', '.join(map(repr, names))}; accepted: a results folder "
+                          "that `fnabench run` wrote, or record files")
+    return records
 
 
 def latest_by_cell(records: Iterable[dict]) -> list[dict]:

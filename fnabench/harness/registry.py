@@ -12,8 +12,10 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
+from .._errors import UserError
 
-class RegistryError(KeyError):
+
+class RegistryError(UserError, KeyError):
     """A name no registry entry matches; the message lists what is accepted."""
 
     def __str__(self) -> str:  # KeyError would quote the message

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from ..adapters import patch
-from ..adapters.loading import set_offline
+from ..adapters import UnsupportedModelError, patch
+from ..adapters.loading import ModelInputError, set_offline
 from ..measure import count_flops, measure_interleaved, peak_memory
 from ..tasks.base import Settings
-from ..variants import Variant, parse_variant
+from ..variants import SpecError, Variant, parse_variant
 from . import records as rec
-from .config import SweepConfig
+from .config import ConfigError, SweepConfig
 from .leaderboard import EXACT_REFERENCE
 from .registry import load_model, make_task
 
@@ -116,22 +116,53 @@ class Runner:
         """
         config = self.config
         set_offline(config.offline)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._save_config()
+        rec.output_path(self.out, "results folder", folder=True, create=False)
         summary = SweepSummary(self.out)
-        self._done = {r["id"]: r for r in rec.read_records(self.out, strict=False) if r["status"] == "ok"}
+        existing = rec.read_records(self.out, strict=False) if self.out.is_dir() else []
+        self._done = {r["id"]: r for r in existing if r["status"] == "ok"}
         todo = [c for c in cells(config) if self.retime or c.id not in self._done]
         summary.skipped = [c.id for c in cells(config) if c.id in self._done and not self.retime]
-        progress = _progress_factory(self.quiet)
-        bar = progress(todo, f"sweep {config.name}", len(todo))
         groups: dict[tuple, list[rec.Cell]] = {}
         for cell in todo:
             groups.setdefault((cell.model, cell.setting("image_size")), []).append(cell)
+        loaded = self.preflight(groups)
+        rec.output_path(self.out, "results folder", folder=True)
+        self._save_config()
+        progress = _progress_factory(self.quiet)
+        bar_iter = iter(progress(todo, f"sweep {config.name}", len(todo)))
         env = rec.environment(config.device)
-        bar_iter = iter(bar)
         for (model_name, size), group in groups.items():
-            self._run_model(model_name, size, group, env, summary, progress, bar_iter)
+            self._run_model(model_name, size, group, env, summary, progress, bar_iter, loaded.pop((model_name, size)))
         return summary
+
+    def preflight(self, groups: dict[tuple, list[rec.Cell]]) -> dict[tuple, Any]:
+        """Before any cell runs or anything is written: load every (model, image size) of the sweep and
+        refuse, with a :class:`ConfigError`, an image size the model cannot take or a variant whose
+        layers select none of its blocks.
+
+        Returns, per group, the model loaded for the first group (reused, so it loads once) or the
+        exception a load raised (the group's cells record it: missing weights are not a config mistake).
+        """
+        out: dict[tuple, Any] = {}
+        for i, ((model_name, size), group) in enumerate(groups.items()):
+            try:
+                loaded = self._load(model_name, size)
+            except ModelInputError as err:
+                raise ConfigError(str(err)) from None
+            except Exception as err:  # recorded in the cells of this group
+                out[(model_name, size)] = err
+                continue
+            _check_input_size(loaded, model_name, self.config.torch_dtype)
+            for variant in sorted({c.variant for c in group}):
+                try:
+                    patch(loaded.model, variant).remove()
+                except (SpecError, UnsupportedModelError) as err:
+                    raise ConfigError(f"{model_name}: {err}") from None
+            out[(model_name, size)] = loaded if i == 0 else None
+        return out
+
+    def _load(self, model_name: str, size: int | None) -> Any:
+        return load_model(model_name, image_size=size).to(self.config.device, self.config.torch_dtype)
 
     def _save_config(self) -> None:
         src = self.config.source
@@ -143,10 +174,12 @@ class Runner:
 
             target.write_text(resources.files("fnabench.harness").joinpath("default_sweep.toml").read_text())
 
-    def _run_model(self, model_name, size, group, env, summary, progress, bar_iter) -> None:
+    def _run_model(self, model_name, size, group, env, summary, progress, bar_iter, loaded=None) -> None:
         t0, started = time.perf_counter(), rec.now()
         try:
-            loaded = load_model(model_name, image_size=size).to(self.config.device, self.config.torch_dtype)
+            if isinstance(loaded, Exception):
+                raise loaded
+            loaded = loaded or self._load(model_name, size)
         except Exception as err:  # every cell of this model fails with the load error, the sweep goes on
             for cell in group:
                 next(bar_iter, None)
@@ -248,6 +281,7 @@ class Runner:
         if paired:
             timing["reference"] = {"variant": reference.canonical, **lats[1].as_dict()}
             timing["speedup"] = lats[1].median / lats[0].median
+            timing["speedup_rounds"] = [ref / own for own, ref in zip(lats[0].times, lats[1].times, strict=True)]
         self._timings[key] = (timing, int(memory))
         return self._timings[key]
 
@@ -258,6 +292,30 @@ class Runner:
         if record["status"] != "ok":
             self.log(f"cell failed: {record['model']} | {record['variant_short']} | {record['task']}: "
                      f"{record['error']}")
+
+
+def _check_input_size(loaded, model_name: str, dtype: torch.dtype) -> None:
+    """Refuse an image size the model cannot take, by a shape-only forward (fake tensors: no compute).
+
+    Errors the fake-tensor machinery raises for itself (data-dependent shapes, unsupported ops) leave
+    the question open; the cells would then find out.
+    """
+    from torch._subclasses import fake_tensor as ft
+
+    inconclusive = tuple(getattr(ft, n) for n in ("DataDependentOutputException", "DynamicOutputShapeException",
+                                                  "UnsupportedOperatorException", "UnsupportedFakeTensorException")
+                         if hasattr(ft, n))
+    size = loaded.image_size
+    try:
+        with ft.FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            loaded.embed(torch.zeros(1, 3, size, size, dtype=dtype, device=next(loaded.model.parameters()).device))
+    except inconclusive:
+        return
+    except (RuntimeError, ValueError, AssertionError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{model_name} cannot take {size}x{size} px images ({type(err).__name__}: {first[:160]}); "
+                          "accepted: a size its patch embedding and position embeddings can take, "
+                          "e.g. a multiple of the patch size") from None
 
 
 def run_sweep(config: SweepConfig, *, quiet: bool = False) -> SweepSummary:

@@ -3,17 +3,70 @@ evaluated once per variant with the variant patched in."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from .._errors import UserError
 from ..adapters.loading import LoadedModel
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task that cannot run as asked (unknown dataset, bad option); one line saying what is accepted."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One task option a sweep config may set: its type, what values it takes, and a default.
+
+    Tasks declare their options as a dict of these, so a config is checked against them before any
+    model loads (a misspelt key, ``k = -3`` or ``k = "3"`` is one line, not a failed cell minutes later).
+    """
+
+    kind: type | tuple[type, ...]
+    accepted: str  # what is accepted, in words: "an integer >= 1"
+    valid: Callable[[Any], bool] = lambda value: True
+
+    def check(self, task: str, key: str, value: Any) -> Any:
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        typed = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not typed or not self.valid(value):
+            raise TaskError(f"{task}: option {key} = {value!r} is not accepted; accepted: {self.accepted}")
+        return value
+
+
+def positive_int(minimum: int = 1) -> Option:
+    """An integer option that must be at least ``minimum``."""
+    return Option(int, f"an integer >= {minimum}", lambda v: v >= minimum)
+
+
+def number(low: float, *, inclusive: bool = True, high: float | None = None) -> Option:
+    """A real-number option in ``[low, high]`` (``(low, high)`` when not ``inclusive``)."""
+    def valid(v: float) -> bool:
+        above = v >= low if inclusive else v > low
+        below = high is None or (v <= high if inclusive else v < high)
+        return above and below
+    sign = ">=" if inclusive else ">"
+    words = f"a number {sign} {low}" + (f" and {'<=' if inclusive else '<'} {high}" if high is not None else "")
+    return Option((int, float), words, valid)
+
+
+FLAG = Option(bool, "true or false")
+TEXT = Option(str, "a string")
+FOLDER = Option(str, "an existing directory", lambda v: Path(v).expanduser().is_dir())
+
+
+def check_options(task: str, options: Mapping[str, Any] | None, declared: Mapping[str, Option]) -> dict[str, Any]:
+    """``options`` checked against a task's declared options: known keys, right types, accepted values."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        raise TaskError(f"{task}: unknown option(s) {', '.join(map(repr, unknown))}; accepted: "
+                        f"{', '.join(sorted(declared)) or 'none'}")
+    return {key: declared[key].check(task, key, value) for key, value in options.items()}
 
 
 @dataclass

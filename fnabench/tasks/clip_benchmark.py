@@ -29,13 +29,21 @@ from ..adapters import clip_benchmark as cb
 from ..adapters.core import HANDLE_ATTR
 from ..adapters.loading import LoadedModel, ModelLoadError
 from . import shapes
-from .base import Settings, TaskError
+from .base import FLAG, TEXT, Option, Settings, TaskError, check_options, positive_int
 
 RETRIEVAL, CLASSIFICATION = "zeroshot_retrieval", "zeroshot_classification"
 _TASK_ALIASES = {"retrieval": RETRIEVAL, "classification": CLASSIFICATION, RETRIEVAL: RETRIEVAL,
                  CLASSIFICATION: CLASSIFICATION}
-OPTIONS = ("dataset_root", "language", "task", "split", "annotation_file", "recall_k", "amp", "num_workers",
-           "custom_classname_file", "custom_template_file", "num_images", "shapes_px", "shapes_seed")
+_RECALL_K = Option((int, list), "an integer >= 1 or a list of them",
+                   lambda v: all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                 for k in (v if isinstance(v, list) else [v])) and v != [])
+#: task options, checked before any model loads; the names are CLIP_benchmark's own
+OPTIONS: dict[str, Option] = {
+    "dataset_root": TEXT, "language": TEXT, "task": TEXT, "split": TEXT, "annotation_file": TEXT,
+    "recall_k": _RECALL_K, "amp": FLAG, "num_workers": positive_int(0), "custom_classname_file": TEXT,
+    "custom_template_file": TEXT, "num_images": positive_int(1), "shapes_px": positive_int(8),
+    "shapes_seed": positive_int(0),
+}
 
 
 class TextCache:
@@ -248,7 +256,4 @@ class ClipBenchmarkTask:
 
 def make_task(dataset: str, **options: Any) -> ClipBenchmarkTask:
     """Registry factory: ``clip_benchmark:<dataset>`` with task options (``dataset_root``, ``task``, ...)."""
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise TaskError(f"unknown option(s) {sorted(unknown)} for clip_benchmark; accepted: {', '.join(OPTIONS)}")
-    return ClipBenchmarkTask(dataset, **options)
+    return ClipBenchmarkTask(dataset, **check_options(f"clip_benchmark:{dataset}", options, OPTIONS))

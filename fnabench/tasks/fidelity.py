@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..adapters.core import find_blocks
 from ..adapters.loading import LoadedModel
-from .base import Settings, TaskError, embed_all
+from .base import FLAG, Settings, TaskError, check_options, embed_all, positive_int
 from .images import offline_images
 
 
@@ -85,10 +85,9 @@ class FidelityTask:
         return captured
 
 
+OPTIONS = {"per_block": FLAG, "per_block_images": positive_int(1), "num_synthetic": positive_int(1)}
+
+
 def make_task(source: str, **options) -> FidelityTask:
     """Registry factory: ``fidelity:<source>`` with options per_block, per_block_images, num_synthetic."""
-    accepted = {"per_block", "per_block_images", "num_synthetic"}
-    unknown = set(options) - accepted
-    if unknown:
-        raise TaskError(f"unknown option(s) {sorted(unknown)} for fidelity; accepted: {', '.join(sorted(accepted))}")
-    return FidelityTask(source, **options)
+    return FidelityTask(source, **check_options(f"fidelity:{source}", options, OPTIONS))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.loading import LoadedModel
-from .base import Settings, TaskError, batches
+from .base import FOLDER, Option, Settings, TaskError, batches, check_options, number, positive_int
 from .datasets import DATASETS, Item, LabelledSplit, load_split, open_image
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +143,9 @@ class ProbeTask:
         if dataset not in DATASETS:
             raise TaskError(f"unknown {self.kind} dataset {dataset!r}; accepted: "
                             f"{', '.join(f'{self.kind}:{d}' for d in DATASETS)}")
-        if limit is not None and (not isinstance(limit, int) or limit < 0):
-            raise TaskError(f"{self.kind}: limit must be an integer >= 1 (0 = all images), got {limit!r}")
+        if dataset == "folder" and root is None:
+            raise TaskError(f"{self.kind}:folder needs option root (a folder with train/<class>/ and val/<class>/); "
+                            f"set it under [task_options.\"{self.kind}:folder\"]")
         self.dataset, self.root, self.test_fraction = dataset, root, test_fraction
         self.limit, self.cache_mb = limit, cache_mb
         self.name = f"{self.kind}:{dataset}"
@@ -188,9 +189,6 @@ class KnnTask(ProbeTask):
 
     def __init__(self, dataset: str, *, k: int = 20, temperature: float = 0.07, **common) -> None:
         super().__init__(dataset, **common)
-        if not isinstance(k, int) or k < 1 or not temperature > 0:
-            raise TaskError(f"knn: k must be an integer >= 1 and temperature > 0, got k={k!r}, "
-                            f"temperature={temperature!r}")
         self.k, self.temperature = k, temperature
 
     def classify(self, train, train_labels, test, num_classes):
@@ -204,9 +202,6 @@ class LinearTask(ProbeTask):
 
     def __init__(self, dataset: str, *, weight_decay: float = 1e-3, max_iter: int = 100, **common) -> None:
         super().__init__(dataset, **common)
-        if not weight_decay >= 0 or not isinstance(max_iter, int) or max_iter < 1:
-            raise TaskError(f"linear: weight_decay must be >= 0 and max_iter an integer >= 1, got "
-                            f"{weight_decay!r}, {max_iter!r}")
         self.weight_decay, self.max_iter = weight_decay, max_iter
 
     def classify(self, train, train_labels, test, num_classes):
@@ -214,23 +209,23 @@ class LinearTask(ProbeTask):
         return probe.scores(test)
 
 
-COMMON_OPTIONS = {"root", "test_fraction", "limit", "cache_mb"}
-
-
-def _make(cls: type[ProbeTask], own: set[str], dataset: str, options: dict[str, Any]) -> ProbeTask:
-    accepted = COMMON_OPTIONS | own
-    unknown = set(options) - accepted
-    if unknown:
-        raise TaskError(f"unknown option(s) {sorted(unknown)} for {cls.kind}; accepted: {', '.join(sorted(accepted))}")
-    return cls(dataset, **options)
+#: options both probes take (checked before any model loads)
+COMMON_OPTIONS: dict[str, Option] = {
+    "root": FOLDER,
+    "test_fraction": number(0, inclusive=False, high=1),
+    "limit": positive_int(0),  # images in all, train and test together; 0 = all
+    "cache_mb": number(0),
+}
+KNN_OPTIONS = {**COMMON_OPTIONS, "k": positive_int(1), "temperature": number(0, inclusive=False)}
+LINEAR_OPTIONS = {**COMMON_OPTIONS, "weight_decay": number(0), "max_iter": positive_int(1)}
 
 
 def make_knn_task(dataset: str, **options) -> KnnTask:
     """Registry factory: ``knn:<digits|mnist|folder>``; options k, temperature, root, test_fraction, limit, cache_mb."""
-    return _make(KnnTask, {"k", "temperature"}, dataset, options)
+    return KnnTask(dataset, **check_options(f"knn:{dataset}", options, KNN_OPTIONS))
 
 
 def make_linear_task(dataset: str, **options) -> LinearTask:
     """Registry factory: ``linear:<digits|mnist|folder>``; options weight_decay, max_iter, root, test_fraction,
     limit, cache_mb."""
-    return _make(LinearTask, {"weight_decay", "max_iter"}, dataset, options)
+    return LinearTask(dataset, **check_options(f"linear:{dataset}", options, LINEAR_OPTIONS))

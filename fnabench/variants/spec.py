@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from .._errors import UserError
 
-class SpecError(ValueError):
+
+class SpecError(UserError, ValueError):
     """A variant spec that cannot be parsed; the message is one line naming what is accepted."""
 
 

@@ -86,6 +86,23 @@ class Variant:
         names = names or {"image"}
         return {"image", "text"} if "all" in names else names
 
+    def check_depth(self, depths: dict[str, int]) -> None:
+        """Refuse a component whose ``layers`` select no block of the towers it targets.
+
+        ``depths`` maps each patched tower to its number of blocks. Without this check,
+        ``fna:layers=50`` on a 6-block model would run exact attention and report a perfect score.
+        """
+        for component in (self.core, self.mask):
+            if component is None or "layers" not in component.values:
+                continue
+            towers = {t: n for t, n in depths.items() if component["tower"] in ("all", t)}
+            if towers and not any(component["layers"].resolve(n) for n in towers.values()):
+                sizes = ", ".join(f"{t} tower: {n} blocks" for t, n in towers.items())
+                deepest = max(towers.values())
+                raise SpecError(f"{component.short!r}: layers={component['layers']} selects no block ({sizes}); "
+                                f"accepted: indices 0..{deepest - 1} or -{deepest}..-1, or a slice such as "
+                                f"layers=-{max(deepest // 2, 1)}:")
+
     def __str__(self) -> str:
         return self.canonical
 

@@ -2,7 +2,7 @@
 
 Mounted by the harness as ``fnabench recall <command>`` through :func:`add_arguments` (each command sets
 ``func``; call ``sys.exit(args.func(args))``), or standalone: ``python -m fnabench.tasks.recall.cli``.
-User errors print one line on stderr and exit with status 2.
+User errors print one line on stderr and exit with status 2 (``fnabench._errors.guarded``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..._argparse import OneLineParser
+from ..._errors import guarded
 from .config import PROBES, ConfigError, apply_overrides, parse_assignments, read_toml, to_toml
 from .presets import PRESETS, get_preset
 
@@ -198,17 +199,6 @@ def _cmd_icl(args) -> int:
 # ---------------------------------------------------------------------------------------------- parser
 
 
-def _guard(command: Callable, name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except ConfigError as exc:
-            print(f"{PROG} {name}: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def add_arguments(subparsers) -> None:
     """Register ``train``, ``eval``, ``plot``, ``report``, ``throughput`` and ``icl`` on an argparse subparsers."""
     p = subparsers.add_parser("train", help="train (or resume) a recall model",
@@ -222,7 +212,7 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--until-step", type=int, help="stop at this step (resumable), e.g. to split a run")
     p.add_argument("--eval", action="store_true", help="evaluate each checkpoint as it is saved")
     _common(p)
-    p.set_defaults(func=_guard(_cmd_train, "train"))
+    p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("eval", help="evaluate every checkpoint of runs on recall queries")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -234,27 +224,27 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--probe", action="append", choices=PROBES, help="query variant (repeatable; default none)")
     p.add_argument("--ood", action="store_true", help="also every probe at the last checkpoint → RUN_DIR/ood.md")
     _common(p)
-    p.set_defaults(func=_guard(_cmd_eval, "eval"))
+    p.set_defaults(func=_cmd_eval)
 
     p = subparsers.add_parser("plot", help="training-dynamics plot (error vs training examples)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="PNG path (default RUN_DIR/dynamics.png)")
     p.add_argument("--ks", help="comma-separated k values to draw (default 1,2,3,8 where evaluated)")
     _common(p)
-    p.set_defaults(func=_guard(_cmd_plot, "plot"))
+    p.set_defaults(func=_cmd_plot)
 
     p = subparsers.add_parser("report", help="leaderboard folder: plot, emergence and OOD tables, preset, records")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out-dir", required=True, help="folder to write (e.g. leaderboards/recall-cpu)")
     _common(p)
-    p.set_defaults(func=_guard(_cmd_report, "report"))
+    p.set_defaults(func=_cmd_report)
 
     p = subparsers.add_parser("throughput", help="training tokens/s of presets on this machine")
     p.add_argument("presets", nargs="+", choices=sorted(PRESETS), metavar="PRESET")
     p.add_argument("--batch", type=int, help="micro-batch to time (default: the preset's)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps")
     _common(p)
-    p.set_defaults(func=_guard(_cmd_throughput, "throughput"))
+    p.set_defaults(func=_cmd_throughput)
 
     p = subparsers.add_parser("icl", help="first- vs second-token ICL accuracy over LM checkpoints")
     p.add_argument("checkpoints", nargs="*", help="local model directories or HUB_ID@REVISION")
@@ -266,7 +256,7 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--output-prefix", help="text before each target (default: the JSON's, else '\\nA: ')")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="folder for icl.json and icl.png")
-    p.set_defaults(func=_guard(_cmd_icl, "icl"))
+    p.set_defaults(func=_cmd_icl)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -284,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return guarded(PROG, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..._errors import UserError
+
 FAMILIES = ("ortho_haar", "ortho", "ident", "gauss")
 PROBES = ("none", "misdirected", "sync", "unseen_label", "unseen_system")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or file that cannot be used; the message is one line naming what is accepted."""
 
 
