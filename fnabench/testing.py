@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .harness.gate import CheckReport, check, load_baseline
@@ -48,10 +48,14 @@ def make_record(model: str = "tiny:vit", variant: str = "exact:impl=sdpa", task:
                 median_s: float | None = None, batch_size: int = 8, image_size: int | None = 224,
                 dtype: str = "float32", device: str = "cpu", limit: int | None = None, seed: int = 0,
                 status: str = "ok", error: str | None = None, finished: str = "2025-01-01T00:00:10+00:00",
-                environment: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                environment: Mapping[str, Any] | None = None, items: Mapping[str, int] | None = None,
+                proportions: Mapping[str, tuple[str, float]] | None = None,
+                speedup_rounds: Sequence[float] | None = None, others_busy: float | None = None) -> dict[str, Any]:
     """A schema-valid record built by hand (id from the cell identity, as the runner names it), for tests.
 
-    ``gflops`` / ``attention_gflops`` become integer FLOP counts; ``median_s`` becomes a timing block.
+    ``gflops`` / ``attention_gflops`` become integer FLOP counts; ``median_s`` becomes a timing block,
+    with ``speedup_rounds`` (paired per-round ratios vs exact) and ``others_busy`` (cores other processes
+    used while timing) when given.
     """
     settings = {"image_size": image_size, "dtype": dtype, "device": device, "batch_size": batch_size,
                 "limit": limit, "seed": seed}
@@ -68,7 +72,10 @@ def make_record(model: str = "tiny:vit", variant: str = "exact:impl=sdpa", task:
     if median_s is not None and status == "ok":
         timing = {"median_s": median_s, "q1_s": median_s * 0.98, "q3_s": median_s * 1.02, "min_s": median_s * 0.95,
                   "max_s": median_s * 1.1, "repeats": 5, "batch_size": batch_size,
-                  "images_per_s": batch_size / median_s, "device": device}
+                  "images_per_s": batch_size / median_s, "device": device, "others_busy_cores": others_busy}
+        if speedup_rounds is not None:
+            timing["speedup_rounds"] = [float(r) for r in speedup_rounds]
+            timing["repeats"] = len(speedup_rounds)
     env = {"python": "3.11.7", "platform": "Linux-test", "device": device, "device_name": "test-cpu",
            "versions": {"fnabench": "0.1.0", "torch": "2.4.0"}, "git_revision": "abc1234"}
     env.update(environment or {})
@@ -82,4 +89,7 @@ def make_record(model: str = "tiny:vit", variant: str = "exact:impl=sdpa", task:
         "started": "2025-01-01T00:00:00+00:00", "finished": finished, "duration_s": 10.0,
         "error": error if status != "ok" else None,
     }
+    if items is not None:
+        record["items"] = dict(items)
+        record["proportions"] = {m: [over, float(scale)] for m, (over, scale) in (proportions or {}).items()}
     return validate(record)

@@ -228,3 +228,41 @@ def test_task_options_are_part_of_a_cells_identity():
     base = from_dict(_tiny_dict())
     changed = from_dict({**_tiny_dict(), "task_options": {"fidelity:synthetic": {"num_synthetic": 4}}})
     assert {c.id for c in cells(base)}.isdisjoint({c.id for c in cells(changed)})  # no stale reuse
+
+
+def test_records_say_how_many_items_and_how_the_speedup_spread(sweep, tmp_path, monkeypatch):
+    from fnabench.harness import runner as runner_module
+    from fnabench.harness.leaderboard import build_tables
+
+    loads = []
+    real_load = runner_module.load_model
+    monkeypatch.setattr(runner_module, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    out = tmp_path / "results"
+    Runner(from_dict({**_tiny_dict(), "timing_repeats": 3, "out": str(out)}), quiet=True).run()
+    assert len(loads) == 1  # preflight's load is the one the cells use
+    by_variant = {r["variant_short"]: r for r in rec.read_records(out)}
+    fna = by_variant["fna:layers=-2:,m=4"]
+    assert fna["items"] == {"test": 4}  # limit = 4 synthetic images
+    rounds = fna["timing"]["speedup_rounds"]
+    assert len(rounds) == 3 and all(r > 0 for r in rounds)
+    assert fna["timing"]["times_s"] and len(fna["timing"]["reference"]["times_s"]) == 3
+    busy = fna["timing"]["others_busy_cores"]
+    assert busy is None or busy >= 0
+    table = next(iter(build_tables(rec.read_records(out))))
+    assert table.notes[0].startswith("Items per row: 4 test.") and "Pareto front of cos_sim" in table.notes[2]
+
+
+def test_probe_records_carry_test_and_train_counts_and_a_standard_error(tmp_path):
+    from fnabench.harness.leaderboard import build_tables, render
+
+    pytest.importorskip("sklearn")
+    out = tmp_path / "results"
+    Runner(from_dict({**_tiny_dict(), "tasks": ["knn:digits"], "variants": ["exact"], "out": str(out),
+                      "task_options": {"knn:digits": {"limit": 40, "k": 5}}}), quiet=True).run()
+    (record,) = rec.read_records(out)
+    assert record["items"] == {"test": 20, "train": 20} and record["proportions"]["top1"] == ["test", 100.0]
+    (table,) = build_tables([record])
+    p = record["metrics"]["top1"] / 100
+    assert table.values[0]["se"] == pytest.approx(100 * (p * (1 - p) / 20) ** 0.5)
+    assert "top1 s.e." in table.headers and "20 test, 20 train" in render([record])
+    assert "n_test" in render([record], "csv").splitlines()[0]

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fnabench.harness import records as rec_io
-from fnabench.harness.gate import BaselineError, check, load_baseline, make_baseline, save_baseline
+from fnabench.harness.gate import BaselineError, check, load_baseline, make_baseline, save_baseline, tolerance_warnings
 from fnabench.testing import assert_no_regression, check_results, make_record
 
 FID = {"task": "fidelity:images", "primary_metric": "cosine", "higher_is_better": {"cosine": True, "rel_err": False}}
@@ -172,3 +172,64 @@ def test_testing_helpers_with_folders_and_files(tmp_path, baseline):
     assert "| cell" in str(err.value) and "metric top1" in str(err.value)
     with pytest.raises(AssertionError, match="GFLOPs"):
         assert_no_regression(run(fna_gflops=5.0), copy.deepcopy(baseline))
+
+
+# ---------------------------------------------------------------------------------------------- speed noise
+
+
+def timed_run(fna_rounds: list[float], *, exact_s: float = 0.10, busy: float | None = 0.0,
+              device_name: str = "test-cpu") -> list[dict]:
+    """exact and FNA on one task, FNA timed in paired rounds against exact (ratio = median of the rounds here)."""
+    ratio = sorted(fna_rounds)[len(fna_rounds) // 2]
+    env = {"device_name": device_name}
+    exact = make_record("m", "exact:impl=sdpa", "knn:digits", metrics={"top1": 0.85}, gflops=4.0, median_s=exact_s,
+                        environment=env)
+    fna = make_record("m", "fna:m=16", "knn:digits", metrics={"top1": 0.80}, gflops=3.0, median_s=exact_s / ratio,
+                      speedup_rounds=fna_rounds, others_busy=busy, environment=env)
+    fna["timing"]["speedup"] = ratio
+    return [exact, fna]
+
+
+def test_speed_spread_is_stored_and_used():
+    quiet = make_baseline(timed_run([2.0, 2.02, 1.98, 2.01, 1.99]))
+    cell = next(c for c in quiet["cells"].values() if c["speed_ratio"] is not None)
+    assert cell["speed"]["rounds"] == 5 and 0 < cell["speed"]["log_sd"] < 0.02
+    assert quiet["speed_noise"]["pooled_log_sd"] == pytest.approx(cell["speed"]["log_sd"])
+    # quiet timings: the 25 % tolerance is what binds; a 30 % drop fails, a 20 % one passes
+    assert check(timed_run([1.6, 1.61, 1.59, 1.6, 1.6]), quiet).ok
+    report = check(timed_run([1.4, 1.41, 1.39, 1.4, 1.4]), quiet)
+    assert whats(report) == ["speed-up vs exact"] and "tolerance" in report.problems[0].allowed
+
+
+def test_noisy_timings_widen_the_allowance_and_the_baseline_warns():
+    noisy = make_baseline(timed_run([1.2, 2.0]))  # two rounds that disagree by 50 %
+    warnings = tolerance_warnings(noisy)
+    assert len(warnings) == 1 and "--timing-repeats" in warnings[0] and "25%" in warnings[0]
+    assert check(timed_run([1.0, 1.3]), noisy).ok  # 2.0 → 1.3 (−35 %) is inside the measured noise
+    no_spread = copy.deepcopy(noisy)
+    for cell in no_spread["cells"].values():
+        cell["speed"] = None
+    assert not check(timed_run([1.0, 1.3]), {**no_spread, "speed_noise": None}).ok  # the tolerance alone fails it
+    report = check(timed_run([0.3, 0.31]), noisy)  # a 6× slow-down is not
+    assert whats(report) == ["speed-up vs exact"] and "timing noise" in report.problems[0].allowed
+    assert tolerance_warnings(make_baseline(timed_run([2.0, 2.01, 1.99, 2.0, 2.0]))) == []
+
+
+def test_speed_timed_under_load_or_on_another_cpu_is_not_judged():
+    quiet = make_baseline(timed_run([2.0, 2.01, 1.99, 2.0, 2.0], busy=0.0))
+    loaded = check(timed_run([1.0, 1.01, 0.99, 1.0, 1.0], busy=1.0), quiet)
+    assert loaded.ok and len(loaded.not_judged) == 1 and "other processes kept 1.0 CPU core" in loaded.not_judged[0]
+    assert "not judged" in loaded.render()
+    elsewhere = check(timed_run([1.0, 1.0, 1.0], device_name="other-cpu"), quiet)
+    assert elsewhere.ok and "timed on 'other-cpu'" in elsewhere.not_judged[0]
+    # both quiet, same CPU: a halved speed-up still fails
+    assert not check(timed_run([1.0, 1.01, 0.99, 1.0, 1.0], busy=0.1), quiet).ok
+    assert tolerance_warnings(make_baseline(timed_run([2.0, 2.0, 2.0], busy=1.2)))[0].startswith("1 speed-up cell")
+
+
+def test_format_1_baselines_are_still_read(baseline):
+    old = {k: v for k, v in baseline.items() if k != "speed_noise"}
+    old["fnabench_baseline"] = 1
+    for cell in old["cells"].values():
+        cell.pop("speed")
+    assert check(run(), old).ok and not check(run(fna_s=0.08), old).ok

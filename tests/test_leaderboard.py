@@ -33,7 +33,8 @@ REL_TOL = 2e-3  # displayed numbers carry 4 significant digits: allow a flip of 
 
 def sample_records() -> list[dict]:
     """Two tasks, two models, two image sizes, a dtype that only one cell uses, a failed cell, a superseded record."""
-    knn = dict(task="knn:digits", metrics=None, higher_is_better={"top1": True, "top5": True}, primary_metric="top1")
+    knn = dict(task="knn:digits", metrics=None, higher_is_better={"top1": True, "top5": True}, primary_metric="top1",
+               items={"test": 500, "train": 500}, proportions={"top1": ("test", 1.0), "top5": ("test", 1.0)})
     fid = dict(task="fidelity:images", primary_metric="rel_err", higher_is_better={"rel_err": False, "cosine": True})
     out = [
         make_record("timm:vit_small", "exact:impl=sdpa", **{**knn, "metrics": {"top1": 0.9123, "top5": 0.9901}},
@@ -154,7 +155,7 @@ def test_one_row_per_cell_latest_record_wins():
 
 def test_headers_units_and_primary_first():
     t = _table("knn:digits")
-    assert t.headers[:4] == ["model", "variant", "top1 ↑", "top5 ↑"]
+    assert t.headers[:5] == ["model", "variant", "top1 ↑", "top1 s.e.", "top5 ↑"]  # s.e. beside its metric
     assert GFLOPS_HEADER in t.headers and "2×MAC" in GFLOPS_HEADER
     assert t.title == "knn:digits — primary metric: top1 (higher is better)"
     assert _table("fidelity:images").title.endswith("rel_err (lower is better)")
@@ -359,7 +360,7 @@ def test_publish_drops_stale_files_and_notes_missing_matplotlib(tmp_path, monkey
     assert "Plot skipped: matplotlib is needed" in readme and "sweep config: not available" in readme
     assert not (dest / "plot.png").exists() and not (dest / "config.toml").exists()
     assert not (dest / "records" / "0000000000000000.json").exists()
-    with pytest.raises(rec_io.RecordError, match="sweep config .* not found"):
+    with pytest.raises(rec_io.RecordError, match=r"sweep config .* not found"):
         publish(results, dest, config_path=tmp_path / "nope.toml")
 
 

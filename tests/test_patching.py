@@ -103,6 +103,20 @@ def test_double_patch_raises():
     fnabench.patch(model, "exact").remove()  # fine once removed
 
 
+@pytest.mark.parametrize("spec, selects", [("fna:m=4,layers=50", False), ("fna:m=4,layers=-4", False),
+                                            ("mask:layers=3:", False), ("fna:m=4+mask:layers=7", False),
+                                            ("fna:m=4,layers=2:50", True), ("fna:m=4,layers=-3", True)])
+def test_layers_that_select_no_block_are_refused_not_a_silent_no_op(spec, selects):
+    model = tiny_timm()  # 3 blocks
+    if selects:
+        fnabench.patch(model, spec).remove()
+        return
+    with pytest.raises(fnabench.SpecError, match=r"selects no block \(image tower: 3 blocks\); accepted: indices 0..2"):
+        fnabench.patch(model, spec)
+    assert not any("_fnabench_site" in m.__dict__ for m in model.modules())
+    fnabench.patch(model, "exact").remove()  # nothing was left half-patched
+
+
 def test_unsupported_model_names_classes():
     with pytest.raises(UnsupportedModelError) as err:
         fnabench.patch(nn.Sequential(nn.Linear(4, 4)), "fna")

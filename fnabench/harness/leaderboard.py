@@ -6,6 +6,9 @@ of the primary metric against the ``exact`` row of the same model and settings, 
 exact (exact median latency / variant median latency, timed in alternating rounds on the same batch
 when the record carries that pairing), images/s, and a ★ on rows
 on the task's accuracy-vs-GFLOPs Pareto front. Failed cells stay in the table with their error.
+Under each table, notes say how many test items stand behind its numbers (with the binomial standard
+error where the primary metric is a proportion, also a column), how the rows are ordered, and what
+the Pareto mark is taken over.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ class Table:
     exact: list[bool] = field(default_factory=list)
     #: per row: raw numbers and identity (model, image_size, variant, metric values, gflops, delta, speedup, ...)
     values: list[dict[str, Any]] = field(default_factory=list)
+    #: sentences printed under the table: items behind the numbers, row order, what the Pareto mark spans
+    notes: list[str] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -198,6 +203,52 @@ def speedup(rec: dict, ref: dict | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
+def standard_error(rec: dict, metric: str | None) -> float | None:
+    """Binomial standard error √(p(1−p)/n) of a metric that is a share of the record's items, in its own units."""
+    over = (rec.get("proportions") or {}).get(metric) if metric else None
+    value = rec["metrics"].get(metric) if metric else None
+    n = (rec.get("items") or {}).get(over[0]) if over else None
+    if not over or value is None or not n:
+        return None
+    p = min(max(float(value) / over[1], 0.0), 1.0)
+    return over[1] * math.sqrt(p * (1 - p) / n)
+
+
+def _count_range(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}"
+
+
+def _items_note(recs: list[dict], primary: str | None, se_column: str | None) -> str:
+    """How many items stand behind the table's numbers, per row, and what the s.e. column is."""
+    ok = [r for r in recs if r["status"] == "ok"]
+    counted = [r["items"] for r in ok if r.get("items")]
+    if not counted:
+        return "Items per row: not recorded in these records (written before fnabench recorded them)."
+    keys = sorted({k for items in counted for k in items}, key=lambda k: (k != "test", k))
+    parts = [f"{_count_range([c[k] for c in counted if k in c])} {k}" for k in keys]
+    missing = len(ok) - len(counted)
+    text = f"Items per row: {', '.join(parts)}" + (f" ({missing} row(s) did not record them)" if missing else "") + "."
+    if se_column:
+        text += (f" `{se_column}` is the binomial standard error of {primary}, √(p(1−p)/n) in its own units: how "
+                 "far it would move on another test sample of that size (rows share their test items, so a Δ "
+                 "between rows is less noisy than that).")
+    return text
+
+
+_ORDER_NOTE = ("Rows: grouped by the model label (model, image size, any setting that differs); in each group "
+               "exact first, then the other variants from most to fewest GFLOPs; failed cells at the end of their "
+               "group.")
+
+
+def _pareto_note(primary: str | None, rows: int) -> str:
+    if primary is None or not rows:
+        return ""
+    return (f"{PARETO_MARK}: on the Pareto front of {primary} vs GFLOPs taken over all {rows} ok row(s) of this table "
+            f"(every model and image size together): no other row has no more GFLOPs and a {primary} at least as "
+            "good, one of the two strictly.")
+
+
 def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -> Table:
     primary, higher = _primary_of(recs)
     directions = _directions(recs)
@@ -225,11 +276,18 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
     def arrow(m: str) -> str:
         return "" if m not in directions else (" ↑" if directions[m] else " ↓")
 
-    headers = ["model", "variant", *(m + arrow(m) for m in metrics), GFLOPS_HEADER, ATTN_GFLOPS_HEADER,
+    has_se = any(standard_error(r, primary) is not None for r in recs if r["status"] == "ok")
+    se_header = f"{primary} s.e." if has_se else None
+    metric_headers = [m + arrow(m) for m in metrics]
+    if se_header:
+        metric_headers.insert(1, se_header)
+    headers = ["model", "variant", *metric_headers, GFLOPS_HEADER, ATTN_GFLOPS_HEADER,
                f"Δ {primary} vs exact" if primary else "Δ vs exact", SPEEDUP_HEADER, IMAGES_HEADER, PARETO_HEADER]
     if any_failed:
         headers.append("error")
     table = Table(task=task, primary=primary, higher_is_better=higher, metrics=metrics, headers=headers, rows=[])
+    ok_rows = sum(r["status"] == "ok" for r in recs)
+    table.notes = [n for n in (_items_note(recs, primary, se_header), _ORDER_NOTE, _pareto_note(primary, ok_rows)) if n]
     for r, on_front in zip(recs, front, strict=True):
         ok = r["status"] == "ok"
         ref = refs.get(reference_key(r))
@@ -247,15 +305,18 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
             "gflops": _gflops(r), "attention_gflops": _gflops(r, "attention"), "delta": delta, "speedup": spd,
             "images_per_s": ips, "median_s": _median(r), "pareto": on_front, "exact": exact_row,
             "error": None if ok else _first_line(r["error"]),
+            "items": dict(r.get("items") or {}) if ok else {}, "se": standard_error(r, primary) if ok else None,
         }
         if ok:
             cells = [fmt_number(raw["metrics"][m]) for m in metrics]
+            if se_header:
+                cells.insert(1, fmt_number(raw["se"]))
             cells += [fmt_number(raw["gflops"]), fmt_number(raw["attention_gflops"]),
                       "ref" if exact_row else fmt_number(delta, sign=True),
                       "ref" if exact_row else (f"{spd:.2f}×" if spd is not None else MISSING),
                       fmt_number(ips), PARETO_MARK if on_front else ""]
         else:
-            cells = ["failed", *([""] * (len(metrics) - 1))] if metrics else []
+            cells = ["failed", *([""] * (len(metrics) - 1 + bool(se_header)))] if metrics else []
             cells += [""] * 6
         row = [raw["model"], r["variant_short"], *cells]
         if any_failed:
@@ -308,8 +369,8 @@ def _csv(tables: list[Table]) -> str:
     for t in tables:
         metric_cols += [m for m in t.metrics if m not in metric_cols]
     headers = ["task", "primary_metric", "higher_is_better", "model", "image_size", "variant", "variant_spec",
-               "status", *metric_cols, "gflops", "attention_gflops", "delta_primary_vs_exact", "speedup_vs_exact",
-               "images_per_s", "median_s", "pareto", "error"]
+               "status", *metric_cols, "primary_se", "n_test", "gflops", "attention_gflops", "delta_primary_vs_exact",
+               "speedup_vs_exact", "images_per_s", "median_s", "pareto", "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(headers)
@@ -323,9 +384,10 @@ def _csv(tables: list[Table]) -> str:
         for v in t.values:
             writer.writerow([t.task, cell(t.primary), t.higher_is_better, v["model_name"], cell(v["image_size"]),
                              v["variant"], v["variant_spec"], v["status"],
-                             *(cell(v["metrics"].get(m)) for m in metric_cols),
-                             cell(v["gflops"]), cell(v["attention_gflops"]), cell(v["delta"]), cell(v["speedup"]),
-                             cell(v["images_per_s"]), cell(v["median_s"]), v["pareto"], cell(v["error"])])
+                             *(cell(v["metrics"].get(m)) for m in metric_cols), cell(v["se"]),
+                             cell(v["items"].get("test")), cell(v["gflops"]), cell(v["attention_gflops"]),
+                             cell(v["delta"]), cell(v["speedup"]), cell(v["images_per_s"]),
+                             cell(v["median_s"]), v["pareto"], cell(v["error"])])
     return buf.getvalue()
 
 
@@ -338,16 +400,22 @@ def render_table(table: Table, fmt: str = "github") -> str:
         rows = [[c.replace("|", "\\|") for c in row] for row in table.rows]
         body = tabulate(rows, headers=table.headers, tablefmt="pipe", disable_numparse=True,
                         colalign=_colalign(table))
-        return f"### {table.title}\n\n{body}\n"
+        notes = "".join(f"\n{note}\n" for note in table.notes)
+        return f"### {table.title}\n\n{body}\n{notes}"
     if fmt == "latex":
         rows = [[_latex(c) for c in row] for row in table.rows]
         body = tabulate(rows, headers=[_latex(h) for h in table.headers], tablefmt="latex_raw",
                         disable_numparse=True, colalign=_colalign(table))
-        return f"\\subsection*{{{_latex(table.title)}}}\n{body}\n"
+        notes = "".join(f"\n{_latex(note.replace('`', ''))}\n" for note in table.notes)
+        return f"\\subsection*{{{_latex(table.title)}}}\n{body}\n{notes}"
     body = tabulate(table.rows, headers=table.headers, tablefmt="html", disable_numparse=True,
                     colalign=_colalign(table))
-    title = table.title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return f"<h3>{title}</h3>\n{body}\n"
+    notes = "".join(f"<p>{_html(note.replace('`', ''))}</p>\n" for note in table.notes)
+    return f"<h3>{_html(table.title)}</h3>\n{body}\n{notes}"
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 class FormatError(UserError, ValueError):

@@ -1,8 +1,9 @@
 """Records: one JSON file per (model, variant, task, settings) cell, written atomically.
 
 A record carries everything needed to trust it later: canonical identity strings, metrics with
-their direction, counted FLOPs, timings with spread, environment and versions, seed, start/end
-time, and the error of a failed cell. The file name is a hash of the cell's identity, so a rerun
+their direction, how many items stand behind them (``items``; ``proportions`` names the metrics
+that are a share of them), counted FLOPs, timings with spread, environment and versions, seed,
+start/end time, and the error of a failed cell. The file name is a hash of the cell's identity, so a rerun
 finds finished cells and skips them.
 """
 
@@ -171,6 +172,14 @@ def validate(record: dict[str, Any], source: str = "record") -> dict[str, Any]:
                 raise RecordError(f"{source}: flops.{key} must be an integer FLOP count")
     if record["timing"] is not None and not isinstance(record["timing"].get("median_s"), (int, float)):
         raise RecordError(f"{source}: timing.median_s must be a number")
+    items = record.get("items")
+    if items is not None and not (isinstance(items, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items.values())):
+        raise RecordError(f"{source}: items must map names to counts (integers >= 0)")
+    for name, over in (record.get("proportions") or {}).items():
+        if not (isinstance(over, list) and len(over) == 2 and over[0] in (items or {})
+                and isinstance(over[1], (int, float)) and over[1] > 0):
+            raise RecordError(f"{source}: proportions.{name} must be [an items key, a scale > 0]")
     return record
 
 

@@ -230,6 +230,10 @@ class Runner:
         record.update(metrics={k: float(v) for k, v in metrics.items()}, primary_metric=task.primary,
                       higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
                       peak_memory_bytes=int(memory), image_size=loaded.image_size)
+        if hasattr(task, "items"):
+            record["items"] = {k: int(v) for k, v in task.items(data).items()}
+            record["proportions"] = {m: [over, float(scale)] for m, (over, scale) in
+                                     getattr(task, "proportions", {}).items() if m in metrics}
         record["finished"] = rec.now()
         record["duration_s"] = round(time.perf_counter() - t0, 3)
         return record

@@ -85,7 +85,12 @@ class Settings:
 
 class Task(Protocol):
     """A task: ``prepare`` runs with exact attention (reference outputs, cached text sides),
-    ``evaluate`` runs with the cell's variant patched in and returns metrics."""
+    ``evaluate`` runs with the cell's variant patched in and returns metrics.
+
+    Optionally, ``items(prepared)`` says how many items stand behind the metrics (``{"test": n, ...}``)
+    and ``proportions`` maps metrics that are a share of those items to (items key, scale: 100 for
+    percent), so leaderboards can give each number its sample size and standard error.
+    """
 
     name: str
     primary: str

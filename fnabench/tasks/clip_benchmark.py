@@ -147,9 +147,13 @@ class ClipBenchmarkTask:
         if self.task == RETRIEVAL:
             self.primary = f"image_retrieval_recall@{1 if 1 in ks else min(ks)}"
             names = [f"{d}_retrieval_recall@{k}" for k in ks for d in ("image", "text")]
+            # CLIP_benchmark reports fractions: T2I over the captions, I2T over the images
+            self.proportions = {f"{d}_retrieval_recall@{k}": (over, 1.0) for k in ks
+                                for d, over in (("image", "texts"), ("text", "test"))}
         else:
             self.primary = "acc1"
             names = ["acc1", "acc5", "mean_per_class_recall", "mean_average_precision"]
+            self.proportions = {"acc1": ("test", 1.0), "acc5": ("test", 1.0)}
         self.higher_is_better = dict.fromkeys(names, True)
 
     # -----------------------------------------------------------------------------------------
@@ -219,6 +223,10 @@ class ClipBenchmarkTask:
         ds = self._build(loaded.preprocess, settings)
         chunks = self._chunks(ds, settings)
         return Prepared(ds, chunks, self._encode(loaded, chunks, settings, f"{self.name}: text"), self.builder_name)
+
+    def items(self, prepared: Prepared) -> dict[str, int]:
+        """Images (the I2T and classification queries) and texts (the T2I queries, or the class prompts)."""
+        return {"test": len(prepared.dataset), "texts": len(prepared.text.texts)}
 
     def example_batch(self, prepared: Prepared, settings: Settings) -> torch.Tensor:
         n = min(settings.batch_size, len(prepared.dataset))

@@ -50,6 +50,10 @@ class FidelityTask:
     def example_batch(self, prepared: Prepared, settings: Settings) -> torch.Tensor:
         return prepared.images[: settings.batch_size]
 
+    def items(self, prepared: Prepared) -> dict[str, int]:
+        """The images the means and extremes are taken over."""
+        return {"test": int(prepared.images.shape[0])}
+
     def evaluate(self, loaded: LoadedModel, prepared: Prepared, settings: Settings) -> dict[str, float]:
         feats = embed_all(loaded, prepared.images, settings, f"{self.name}")
         ref = prepared.reference

@@ -150,6 +150,7 @@ class ProbeTask:
         self.limit, self.cache_mb = limit, cache_mb
         self.name = f"{self.kind}:{dataset}"
         self.higher_is_better = {"top1": True, "top5": True}
+        self.proportions = {"top1": ("test", 100.0), "top5": ("test", 100.0)}  # percent of the test images
 
     def _limit(self, settings: Settings) -> int | None:
         """The task's own ``limit`` option wins (0 = all images); else the sweep's."""
@@ -168,6 +169,10 @@ class ProbeTask:
 
     def example_batch(self, prepared: Prepared, settings: Settings) -> torch.Tensor:
         return prepared.test.head(settings.batch_size)
+
+    def items(self, prepared: Prepared) -> dict[str, int]:
+        """How many images stand behind the metrics: accuracy is over ``test``; ``train`` are the references."""
+        return {"test": len(prepared.test), "train": len(prepared.train)}
 
     def evaluate(self, loaded: LoadedModel, prepared: Prepared, settings: Settings) -> dict[str, float]:
         train = embed_set(loaded, prepared.train, settings, f"{self.name} train")

@@ -143,10 +143,10 @@ def _cmd_report(args) -> int:
     from .records import records_from_run
     from .report import emergence_table, ood_table
 
+    runs = _main_summaries(args.run_dirs, args.quiet)  # a bad run folder is refused before anything is made
+    costs = [rundir.read_json(Path(r) / rundir.COSTS) for r in args.run_dirs]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = _main_summaries(args.run_dirs, args.quiet)
-    costs = [rundir.read_json(Path(r) / rundir.COSTS) for r in args.run_dirs]
     table = emergence_table([(lab, s, c) for (lab, s), c in zip(runs, costs, strict=True)])
     rundir.atomic_write_text(out / "emergence.md", table)
     probes = [(lab, evaluate_probes(r, progress=not args.quiet))

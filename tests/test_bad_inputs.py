@@ -1,0 +1,242 @@
+"""Bad input, as a newcomer types it: every command answers a mistake with one line on stderr and exit 2,
+before any work and without changing anything already written (results, baselines, leaderboards)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fnabench.harness.cli import main
+
+pytest.importorskip("timm")
+
+SWEEP = """
+name = "tiny"
+models = ["tiny:vit"]
+image_sizes = [32]
+tasks = ["fidelity:synthetic"]
+variants = ["exact", "fna:m=4,layers=-2:"]
+limit = 4
+batch_size = 2
+timing_repeats = 2
+"""
+
+#: (name, TOML lines added to SWEEP or replacing its keys, expected fragment of the one line)
+BAD_CONFIGS = [
+    ("unknown key", "bogus = 1", "unknown config key 'bogus'; accepted:"),
+    ("string for a boolean", 'offline = "yes"', "'offline' = 'yes' is a str; accepted: true or false"),
+    ("string for an integer", 'batch_size = "8"', "'batch_size' = '8' is a str; accepted: an integer >= 1"),
+    ("unknown task suffix", 'tasks = ["fidelity:synth"]', "unknown fidelity source 'synth'; accepted: fidelity:images"),
+    ("unknown task", 'tasks = ["segment:ade"]', "unknown task 'segment:ade'; accepted:"),
+    ("negative task option", 'tasks = ["knn:digits"]\n[task_options."knn:digits"]\nk = -3',
+     "knn:digits: option k = -3 is not accepted; accepted: an integer >= 1"),
+    ("misspelt task option", 'tasks = ["knn:digits"]\n[task_options."knn:digits"]\nkk = 3',
+     "knn:digits: unknown option(s) 'kk'; accepted: cache_mb, k, limit,"),
+    ("option of the wrong type", 'tasks = ["knn:digits"]\n[task_options."knn:digits"]\ntemperature = "hot"',
+     "option temperature = 'hot' is not accepted; accepted: a number > 0"),
+    ("folder task without root", 'tasks = ["knn:folder"]', "knn:folder needs option root"),
+    ("folder task, missing root", 'tasks = ["linear:folder"]\n[task_options."linear:folder"]\nroot = "/no/such/dir"',
+     "option root = '/no/such/dir' is not accepted; accepted: an existing directory"),
+    ("options for a task not swept", '[task_options."knn:digits"]\nk = 3', "must name a task of this sweep"),
+    ("no variants", "variants = []", "no variants"),
+    ("no models", "models = []", "no models"),
+    ("unknown model", 'models = ["nope:x"]', "unknown model 'nope:x'; accepted:"),
+    ("unknown offline model", 'models = ["offline:dinov2-xl"]', "unknown offline model 'dinov2-xl'"),
+    ("image size below the patch", "image_sizes = [8]", "tiny:vit cannot take 8x8 px images"),
+    ("layers past the depth", 'variants = ["exact", "fna:m=8,layers=50"]',
+     "layers=50 selects no block (image tower: 6 blocks)"),
+    ("mask layers past the depth", 'variants = ["mask:layers=-9"]', "layers=-9 selects no block"),
+    ("text tower of a vision model", 'variants = ["fna:m=4,tower=text"]', "tower=image|all"),
+    ("bad variant value", 'variants = ["fna:m=0"]', "bad value '0'"),
+    ("unknown variant key", 'variants = ["fna:q=3"]', "unknown key 'q' for 'fna'"),
+    ("unknown dtype", 'dtype = "int8"', "unknown dtype 'int8'; accepted: float32"),
+    ("unknown device", 'device = "tpu"', "unknown device 'tpu'; accepted: cpu, cuda, cuda:N"),
+    ("zero repeats", "timing_repeats = 0", "timing_repeats must be an integer >= 1"),
+    ("invalid TOML", 'models = ["tiny:vit"', "invalid TOML"),
+]
+
+
+def _config(extra: str) -> str:
+    """SWEEP with the keys that ``extra`` sets replaced (top-level keys only), then ``extra``."""
+    keys = {line.split("=")[0].strip() for line in extra.splitlines() if "=" in line and not line.startswith("[")}
+    kept = [line for line in SWEEP.strip().splitlines() if line.split("=")[0].strip() not in keys]
+    return "\n".join(kept) + "\n" + extra + "\n"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A results folder, its baseline and leaderboard, and the odd files a newcomer points commands at."""
+    ws = tmp_path_factory.mktemp("ws")
+    (ws / "sweep.toml").write_text(SWEEP)
+    assert main(["run", str(ws / "sweep.toml"), "--out", str(ws / "results"), "--quiet"]) == 0
+    assert main(["baseline", str(ws / "results"), "-o", str(ws / "base.json")]) == 0
+    assert main(["publish", str(ws / "results"), str(ws / "lb")]) == 0
+    (ws / "afile.txt").write_text("not a folder\n")
+    (ws / "bad.json").write_text("{not json")
+    (ws / "empty").mkdir()
+    record = next((ws / "results").glob("*.json"))
+    shutil.copyfile(record, ws / "record.json")  # a record where a baseline is expected
+    for name, extra, _ in BAD_CONFIGS:
+        (ws / f"{name.replace(' ', '_').replace(',', '')}.toml").write_text(_config(extra))
+    return ws
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under ``root`` with its content hash and mode: what a bad command must leave alone."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.stat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(root))] = (digest, st.st_mode, st.st_mtime_ns if p.is_file() else None)
+    return out
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_exit_2(argv: list[str], fragment: str, ws: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(ws)  # default paths (results/<name>) would land here, where the snapshot sees them
+    before = _snapshot(ws)
+    code, _, err = _run(argv, capsys)
+    assert code == 2, f"{argv}: exit {code}, stderr {err!r}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fnabench"), f"{argv}: not one line: {err!r}"
+    assert "Traceback" not in err and fragment in lines[0], f"{argv}: {lines[0]!r} lacks {fragment!r}"
+    assert _snapshot(ws) == before, f"{argv}: changed files in the workspace"
+
+
+@pytest.mark.parametrize("name, extra, fragment", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_sweep_config_is_one_line_before_any_work(name, extra, fragment, workspace, capsys, monkeypatch):
+    config = f"{name.replace(' ', '_').replace(',', '')}.toml"
+    _assert_one_line_exit_2(["run", config, "--out", "results", "--quiet"], fragment, workspace, capsys, monkeypatch)
+
+
+COMMANDS = [
+    # run: flags and paths
+    (["run", "missing.toml"], "config file 'missing.toml' not found"),
+    (["run", "sweep.toml", "--out", "results", "--format", "pdf"], "invalid choice: 'pdf'"),
+    (["run", "sweep.toml", "--out", "afile.txt"], "results folder 'afile.txt' is a file"),
+    (["run", "sweep.toml", "--out", "no/such/results"], "neither 'no/such' nor its parent exists"),
+    (["run", "sweep.toml", "--out", "results", "--limit", "0"], "limit must be an integer >= 1"),
+    (["run", "sweep.toml", "--out", "results", "--batch-size", "0"], "batch_size must be an integer >= 1"),
+    (["run", "sweep.toml", "--out", "results", "--image-size", "4"], "image size 4 is too small"),
+    (["run", "sweep.toml", "--out", "results", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["run", "sweep.toml", "--out", "results", "--variants", "fna:m=8,layers=50"], "selects no block"),
+    (["run", "sweep.toml", "--out", "results", "--tasks", "fidelity:synth"], "unknown fidelity source"),
+    (["run", "sweep.toml", "--out", "results", "--batch-size", "many"], "invalid int value: 'many'"),
+    # leaderboard
+    (["leaderboard", "missing"], "no results at 'missing'"),
+    (["leaderboard", "empty"], "no records under 'empty'"),
+    (["leaderboard", "results", "--format", "pdf"], "invalid choice: 'pdf'"),
+    (["leaderboard", "results", "-o", "no/such/table.md"], "neither 'no/such' nor its parent exists"),
+    (["leaderboard", "results", "-o", "results"], "--output 'results' is a folder"),
+    (["leaderboard", "results", "--plot", "afile.txt/plot"], "'afile.txt' is a file, not a folder"),
+    (["leaderboard", "bad.json"], "bad.json: not valid JSON"),
+    (["leaderboard"], "the following arguments are required: results"),
+    # publish
+    (["publish", "empty", "lb2"], "no records under 'empty'"),
+    (["publish", "results", "afile.txt"], "leaderboard folder 'afile.txt' is a file"),
+    (["publish", "missing", "lb3"], "no results at 'missing'"),
+    (["publish", "results", "no/such/lb"], "neither 'no/such' nor its parent exists"),
+    # baseline
+    (["baseline", "empty", "-o", "b2.json"], "no records under 'empty'"),
+    (["baseline", "results", "-o", "b2.json", "--tolerance", "bogus=0.1"], "unknown metric(s) 'bogus'"),
+    (["baseline", "results", "-o", "b2.json", "--tolerance", "cos_sim=-1"], "must be a non-negative number"),
+    (["baseline", "results", "-o", "b2.json", "--tolerance", "cos_sim"], "expected METRIC=VALUE"),
+    (["baseline", "results", "-o", "b2.json", "--speed-tolerance", "-0.5"], "must be a non-negative number"),
+    (["baseline", "results", "-o", "results"], "--output 'results' is a folder"),
+    (["baseline", "results", "-o", "no/such/b.json"], "neither 'no/such' nor its parent exists"),
+    (["baseline", "results"], "the following arguments are required: -o/--output"),
+    # check
+    (["check", "results", "--baseline", "missing.json"], "no baseline at missing.json"),
+    (["check", "results", "--baseline", "bad.json"], "bad.json: not valid JSON"),
+    (["check", "results", "--baseline", "record.json"], "not a usable fnabench baseline"),
+    (["check", "results", "--baseline", "afile.txt"], "afile.txt: not valid JSON"),
+    (["check", "missing", "--baseline", "base.json"], "no results at 'missing'"),
+    (["check", "empty", "--baseline", "base.json"], "no records under 'empty'"),
+    # list and the command itself
+    (["list", "widgets"], "invalid choice: 'widgets'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required"),
+    # recall
+    (["recall", "train", "--preset", "nope"], "invalid choice: 'nope'"),
+    (["recall", "train", "--set", "bogus", "--out", "r1"], "--set takes SECTION.KEY=VALUE"),
+    (["recall", "train", "--set", "train.bogus=1", "--out", "r1"], "unknown key train.bogus"),
+    (["recall", "train", "--preset", "cpu", "--set", "train.lr=abc", "--out", "r1"], "bad value for train.lr"),
+    (["recall", "eval", "missing"], "missing is not a recall run directory"),
+    (["recall", "report", "empty", "--out-dir", "r2"], "empty is not a recall run directory"),
+    (["recall", "icl", "--task", "nope.json", "--out", "r3"], "task file not found: nope.json"),
+    (["recall", "throughput", "huge"], "invalid choice: 'huge'"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", COMMANDS, ids=[" ".join(a[:4]) or "(none)" for a, _ in COMMANDS])
+def test_bad_command_is_one_line_exit_2_and_changes_nothing(argv, fragment, workspace, capsys, monkeypatch):
+    _assert_one_line_exit_2(argv, fragment, workspace, capsys, monkeypatch)
+
+
+def test_cuda_asked_for_on_a_machine_without_it(workspace, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _assert_one_line_exit_2(["run", "sweep.toml", "--out", "results", "--device", "cuda"],
+                            "torch sees no CUDA GPU here", workspace, capsys, monkeypatch)
+
+
+def test_the_matrix_is_large():
+    assert len(BAD_CONFIGS) + len(COMMANDS) >= 40
+
+
+def test_leaderboard_into_a_closed_pipe_is_quiet(workspace):
+    """`fnabench leaderboard ... | head -1`: no BrokenPipeError traceback."""
+    cmd = f"{sys.executable} -m fnabench.harness.cli leaderboard {workspace / 'results'} --format csv | head -c 1"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "t" and "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+
+
+def test_exit_codes_tell_a_regression_from_a_mistake(workspace, tmp_path, capsys, monkeypatch):
+    """check: 0 when nothing moved, 1 for a real regression, 2 for a broken invocation."""
+    results = tmp_path / "results"
+    shutil.copytree(workspace / "results", results)
+    assert _run(["check", str(results), "--baseline", str(workspace / "base.json")], capsys)[0] == 0
+    victim = next(p for p in results.glob("*.json") if json.loads(p.read_text())["variant"].startswith("fna"))
+    record = json.loads(victim.read_text())
+    record["metrics"]["cos_sim"] -= 0.5
+    victim.write_text(json.dumps(record))
+    code, out, _ = _run(["check", str(results), "--baseline", str(workspace / "base.json")], capsys)
+    assert code == 1 and "metric cos_sim" in out
+    assert _run(["check", str(results), "--baseline", str(tmp_path / "none.json")], capsys)[0] == 2
+
+
+def test_a_bug_is_a_traceback_and_exit_3(workspace, capsys, monkeypatch):
+    import fnabench.harness.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "list", lambda args: 1 / 0)
+    code, _, err = _run(["list", "models"], capsys)
+    assert code == 3 and "Traceback" in err and "ZeroDivisionError" in err and "internal error" in err
+
+
+def test_written_files_are_readable_by_others(workspace):
+    """Records and baselines get the mode a plain open() gives (0644 under the usual umask), not mkstemp's 0600."""
+    for path in [*(workspace / "results").glob("*.json"), workspace / "base.json", workspace / "lb" / "README.md"]:
+        assert path.stat().st_mode & 0o044 == 0o044, path
+
+
+def test_one_missing_folder_level_is_made_for_outputs(workspace, tmp_path, capsys):
+    """`-o baselines/x.json` in a fresh clone works (one level made); `-o a/b/x.json` with neither is refused."""
+    out = tmp_path / "baselines" / "x.json"
+    assert _run(["baseline", str(workspace / "results"), "-o", str(out)], capsys)[0] == 0 and out.is_file()
+    assert _run(["leaderboard", str(workspace / "results"), "-o", str(tmp_path / "a" / "b" / "t.md")], capsys)[0] == 2
+    assert not (tmp_path / "a").exists()
