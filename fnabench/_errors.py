@@ -3,7 +3,7 @@
 A mistake in what the user asked (a bad config, an unknown name, a path that cannot be written, a
 missing extra) is one line on stderr naming what is wrong and what is accepted, exit 2, no
 traceback. Exit 1 is kept for what a command found (``check``: a regression; ``run``: failed
-cells). A bug is a traceback and exit 3, so CI can tell the three apart.
+cells). Anything else (a bug, a full disk) is a traceback and exit 3, so CI can tell the three apart.
 """
 
 from __future__ import annotations
@@ -40,22 +40,27 @@ def guarded(prog: str, command: Callable[[], int]) -> int:
     except UserError as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `fnabench leaderboard ... | head` closed our stdout
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except OSError as err:
-        if isinstance(err, BrokenPipeError):  # `fnabench leaderboard ... | head` closed our stdout
-            _silence_stdout()
-            return EXIT_BROKEN_PIPE
         if err.filename is None:
-            raise
+            return _internal(prog)
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)  # a path that cannot be read or written
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished work is saved, run again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception:
-        traceback.print_exc()
-        print(f"{prog}: internal error (a bug, not your input): please report it with the traceback above",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(prog)
+
+
+def _internal(prog: str) -> int:
+    """Not the input's fault: the traceback, then one line saying so."""
+    traceback.print_exc()
+    print(f"{prog}: internal error, not a mistake in your input; unless the machine is at fault (disk, memory), "
+          "please report it with the traceback above", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _silence_stdout() -> None:

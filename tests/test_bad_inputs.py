@@ -240,3 +240,18 @@ def test_one_missing_folder_level_is_made_for_outputs(workspace, tmp_path, capsy
     assert _run(["baseline", str(workspace / "results"), "-o", str(out)], capsys)[0] == 0 and out.is_file()
     assert _run(["leaderboard", str(workspace / "results"), "-o", str(tmp_path / "a" / "b" / "t.md")], capsys)[0] == 2
     assert not (tmp_path / "a").exists()
+
+
+def test_unreadable_paths_are_one_line_and_other_os_errors_are_bugs(capsys, monkeypatch):
+    import fnabench.harness.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "list", lambda args: Path("/no/such/file").read_text())
+    code, _, err = _run(["list", "models"], capsys)
+    assert code == 2 and err.strip() == "fnabench: error: /no/such/file: No such file or directory"
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(cli.COMMANDS, "list", disk_full)
+    code, _, err = _run(["list", "models"], capsys)
+    assert code == 3 and "Traceback" in err and "No space left" in err

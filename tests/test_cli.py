@@ -194,6 +194,9 @@ def test_cli_flags_override_config(sweep):
 def test_list_and_leaderboard_commands(sweep, tmp_path, capsys):
     assert main(["list", "variants"]) == 0
     assert "fna" in capsys.readouterr().out
+    assert main(["list", "tasks"]) == 0  # each task with the options it declares and what they accept
+    listed = capsys.readouterr().out
+    assert "k (an integer >= 1)" in listed and "per_block (true or false)" in listed
     assert main(["list", "models"]) == 0
     assert "tiny:vit" in capsys.readouterr().out
     out = tmp_path / "results"
@@ -266,3 +269,25 @@ def test_probe_records_carry_test_and_train_counts_and_a_standard_error(tmp_path
     assert table.values[0]["se"] == pytest.approx(100 * (p * (1 - p) / 20) ** 0.5)
     assert "top1 s.e." in table.headers and "20 test, 20 train" in render([record])
     assert "n_test" in render([record], "csv").splitlines()[0]
+
+
+def test_identical_rerun_passes_the_gate_and_a_changed_number_fails_it(sweep, tmp_path, capsys):
+    """The default-sweep story in small: run twice, baseline the first, check the second."""
+    first, second, base = tmp_path / "first", tmp_path / "second", tmp_path / "base.json"
+    for out in (first, second):
+        assert main(["run", str(sweep), "--out", str(out), "--quiet", "--timing-repeats", "5"]) == 0
+    assert main(["baseline", str(first), "-o", str(base)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(second), "--baseline", str(base)]) == 0, capsys.readouterr().out
+    victim = next(p for p in second.glob("*.json") if json.loads(p.read_text())["variant"].startswith("nystrom"))
+    original = victim.read_text()
+    for change in ("metric", "flops"):
+        record = json.loads(original)
+        if change == "metric":
+            record["metrics"]["cos_sim"] -= 0.05
+        else:
+            record["flops"]["total"] += record["flops"]["total"] // 100
+        victim.write_text(json.dumps(record))
+        capsys.readouterr()
+        assert main(["check", str(second), "--baseline", str(base)]) == 1
+        assert ("metric cos_sim" if change == "metric" else "GFLOPs") in capsys.readouterr().out

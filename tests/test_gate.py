@@ -220,6 +220,8 @@ def test_speed_timed_under_load_or_on_another_cpu_is_not_judged():
     loaded = check(timed_run([1.0, 1.01, 0.99, 1.0, 1.0], busy=1.0), quiet)
     assert loaded.ok and len(loaded.not_judged) == 1 and "other processes kept 1.0 CPU core" in loaded.not_judged[0]
     assert "not judged" in loaded.render()
+    held = check(timed_run([1.9, 1.91, 1.89, 1.9, 1.9], busy=1.0), quiet)  # loaded, but the speed-up held
+    assert held.ok and held.not_judged == []
     elsewhere = check(timed_run([1.0, 1.0, 1.0], device_name="other-cpu"), quiet)
     assert elsewhere.ok and "timed on 'other-cpu'" in elsewhere.not_judged[0]
     # both quiet, same CPU: a halved speed-up still fails

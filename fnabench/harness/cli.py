@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from .._argparse import OneLineParser
-from .._errors import EXIT_FOUND, EXIT_OK, UserError, guarded
+from .._errors import EXIT_FOUND, EXIT_OK, UserError, guarded, one_line
 from . import config as cfg
 from .leaderboard import FORMATS
 from .records import output_path, require_records
@@ -187,7 +187,21 @@ def cmd_list(args) -> int:
     width = max((len(k) for k, _ in rows), default=0)
     for key, help_text in rows:
         print(f"{key:{width}s}  {help_text}")
+        if args.what == "tasks":
+            print(_task_options_line(key, width))
     return EXIT_OK
+
+
+def _task_options_line(key: str, indent: int) -> str:
+    """The options a task declares (``[task_options."TASK"]`` in a sweep config) and what each accepts."""
+    try:
+        factory, _ = TASKS.resolve(key if ":" in key else f"{key}:x")
+    except (ImportError, UserError) as err:
+        return f"{'':{indent}s}  options: unavailable here ({one_line(err)})"
+    options = getattr(factory, "options", None)
+    if not options:
+        return f"{'':{indent}s}  options: not declared"
+    return f"{'':{indent}s}  options: " + "; ".join(f"{name} ({opt.accepted})" for name, opt in sorted(options.items()))
 
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "publish": cmd_publish, "baseline": cmd_baseline,

@@ -7,9 +7,9 @@ are too noisy on shared machines to gate on), with the spread of that ratio over
 past a relative tolerance, a speed ratio falls past what both the tolerance and the two runs' measured
 noise allow, or a baseline cell is missing, failed, or lacks a number it had.
 
-Speed is judged like with like: a ratio timed on another CPU, or while other processes kept the
-machine busy in one run and not the other, is reported as not judged instead of failing. So an
-identical rerun does not fail, and a real slow-down larger than the noise still does.
+Speed is judged like with like: a ratio that fell but was timed on another CPU, or while other
+processes kept the machine busy in one run and not the other, is reported as not judged instead of
+failing. So an identical rerun does not fail, and a real slow-down larger than the noise still does.
 """
 
 from __future__ import annotations
@@ -93,6 +93,15 @@ def pooled_log_sd(samples: Iterable[SpeedSample | None]) -> float | None:
     return math.sqrt(sum(sd * sd for sd in sds) / len(sds)) if sds else None
 
 
+def _rounds_needed(se: float, rounds: int, z: float, tolerance_log: float, most: int = 1000) -> int:
+    """The fewest timing rounds whose noise (z·√2 standard errors, same spread) fits inside the tolerance."""
+    spread = se * math.sqrt(rounds) / (1.2533 if rounds >= 3 else 1.0)
+    for n in range(rounds, most):
+        if z * math.sqrt(2) * spread * (1.2533 if n >= 3 else 1.0) / math.sqrt(n) <= tolerance_log:
+            return n
+    return most
+
+
 def _tolerance_log(speed_tolerance: float) -> float:
     return math.inf if speed_tolerance >= 1 else -math.log1p(-speed_tolerance)
 
@@ -172,10 +181,10 @@ def tolerance_warnings(baseline: Mapping[str, Any]) -> list[str]:
     for s in samples:
         se = s.standard_error(pooled)
         if se is not None and z * math.sqrt(2) * se > _tolerance_log(tol):
-            loose.append((z * math.sqrt(2) * se, s.rounds))
+            loose.append((z * math.sqrt(2) * se, s.rounds, _rounds_needed(se, s.rounds, z, _tolerance_log(tol))))
     if loose:
-        worst, rounds = max(loose)
-        need = math.ceil(rounds * (worst / _tolerance_log(tol)) ** 2)
+        worst, rounds, _ = max(loose)
+        need = max(n for _, _, n in loose)
         out.append(f"{len(loose)} of {len(samples)} speed-up cell(s) were timed too noisily for the speed tolerance "
                    f"{tol:.0%}: an identical rerun can move them by up to {math.expm1(worst):.0%} ({z:g}σ over "
                    f"{rounds} round(s)), so check will judge them against that noise instead; for the tolerance "
@@ -267,7 +276,7 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     checked: int = 0
     new_cells: list[str] = field(default_factory=list)
-    not_judged: list[str] = field(default_factory=list)  # speed-ups whose two timings are not comparable, and why
+    not_judged: list[str] = field(default_factory=list)  # speed-ups that fell but whose timings are not comparable
 
     @property
     def ok(self) -> bool:
@@ -281,7 +290,7 @@ class CheckReport:
         speed-ups left unjudged, one line each with the reason."""
         notes = "".join(f"- {line}\n" for line in self.not_judged)
         if notes:
-            notes = f"\n{len(self.not_judged)} speed-up(s) not judged (timings not comparable):\n{notes}"
+            notes = f"\n{len(self.not_judged)} speed-up(s) fell but were not judged (timings not comparable):\n{notes}"
         if self.ok:
             line = f"OK: {self.checked} baseline cell(s) checked, nothing moved past its tolerance"
             new = f" ({len(self.new_cells)} new cell(s) not in the baseline)" if self.new_cells else ""
@@ -376,22 +385,23 @@ def check(records: Iterable[dict], baseline: Mapping[str, Any]) -> CheckReport:
 
 def _speed_problem(base: SpeedSample, now: SpeedSample | None, tol: float, base_pooled: float | None,
                    now_pooled: float | None, z: float) -> tuple[str, str] | str | None:
-    """(now, allowed) when the speed-up fell past both the tolerance and the noise; a reason string when the two
-    runs' timings are not comparable; None when it holds."""
+    """(now, allowed) when the speed-up fell past both the tolerance and the noise; None when it holds; a reason
+    string when it fell but the two timings are not comparable (another CPU, or a loaded machine in one run)."""
     if now is None:
         return "not measured", f"≥ {base.ratio * (1 - tol):.2f}× (−{tol:.0%})"
-    if base.device_name and now.device_name and base.device_name != now.device_name:
-        return f"speed-up not judged: timed on {now.device_name!r}, the baseline on {base.device_name!r}"
-    if base.others_busy is not None and now.others_busy is not None \
-            and abs(now.others_busy - base.others_busy) > BUSY_CORES:
-        return (f"speed-up not judged: other processes kept {now.others_busy:.1f} CPU core(s) busy while it was "
-                f"timed, {base.others_busy:.1f} in the baseline ({now.ratio:.2f}× vs {base.ratio:.2f}×)")
     ses = [se for se in (base.standard_error(base_pooled), now.standard_error(now_pooled)) if se is not None]
     noise = z * math.sqrt(sum(se * se for se in ses)) if len(ses) == 2 else 0.0
     allowed = max(_tolerance_log(tol), noise)
     floor = base.ratio * math.exp(-allowed)
     if now.ratio >= floor * (1 - 1e-9):
         return None
+    moved = f"{now.ratio:.2f}× vs {base.ratio:.2f}×, below the {floor:.2f}× allowed"
+    if base.device_name and now.device_name and base.device_name != now.device_name:
+        return f"speed-up not judged ({moved}): timed on {now.device_name!r}, the baseline on {base.device_name!r}"
+    if base.others_busy is not None and now.others_busy is not None \
+            and abs(now.others_busy - base.others_busy) > BUSY_CORES:
+        return (f"speed-up not judged ({moved}): other processes kept {now.others_busy:.1f} CPU core(s) busy "
+                f"while it was timed, {base.others_busy:.1f} in the baseline")
     why = f"timing noise, {z:g}σ" if noise > _tolerance_log(tol) else "tolerance"
     return (f"{now.ratio:.2f}× ({now.ratio / base.ratio - 1:+.0%})",
             f"≥ {floor:.2f}× (−{-math.expm1(-allowed):.0%}, {why})")

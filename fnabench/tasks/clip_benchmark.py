@@ -265,3 +265,6 @@ class ClipBenchmarkTask:
 def make_task(dataset: str, **options: Any) -> ClipBenchmarkTask:
     """Registry factory: ``clip_benchmark:<dataset>`` with task options (``dataset_root``, ``task``, ...)."""
     return ClipBenchmarkTask(dataset, **check_options(f"clip_benchmark:{dataset}", options, OPTIONS))
+
+
+make_task.options = OPTIONS  # what `fnabench list tasks` shows

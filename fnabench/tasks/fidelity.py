@@ -95,3 +95,6 @@ OPTIONS = {"per_block": FLAG, "per_block_images": positive_int(1), "num_syntheti
 def make_task(source: str, **options) -> FidelityTask:
     """Registry factory: ``fidelity:<source>`` with options per_block, per_block_images, num_synthetic."""
     return FidelityTask(source, **check_options(f"fidelity:{source}", options, OPTIONS))
+
+
+make_task.options = OPTIONS  # what `fnabench list tasks` shows

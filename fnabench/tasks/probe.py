@@ -230,7 +230,13 @@ def make_knn_task(dataset: str, **options) -> KnnTask:
     return KnnTask(dataset, **check_options(f"knn:{dataset}", options, KNN_OPTIONS))
 
 
+make_knn_task.options = KNN_OPTIONS  # what `fnabench list tasks` shows
+
+
 def make_linear_task(dataset: str, **options) -> LinearTask:
     """Registry factory: ``linear:<digits|mnist|folder>``; options weight_decay, max_iter, root, test_fraction,
     limit, cache_mb."""
     return LinearTask(dataset, **check_options(f"linear:{dataset}", options, LINEAR_OPTIONS))
+
+
+make_linear_task.options = LINEAR_OPTIONS
