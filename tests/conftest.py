@@ -10,6 +10,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+#: the smallest real sweep: a random-init timm ViT, synthetic images, exact, FNA and Nystrom
+TINY_SWEEP = """
+name = "tiny"
+models = ["tiny:vit"]
+image_sizes = [32]
+tasks = ["fidelity:synthetic"]
+variants = ["fna:m=4,layers=-2:", "exact", "nystrom:m=4"]
+limit = 4
+batch_size = 2
+timing_repeats = 1
+"""
+
 
 @pytest.fixture(autouse=True)
 def _seed():

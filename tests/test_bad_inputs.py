@@ -12,21 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_SWEEP
 
 from fnabench.harness.cli import main
 
 pytest.importorskip("timm")
 
-SWEEP = """
-name = "tiny"
-models = ["tiny:vit"]
-image_sizes = [32]
-tasks = ["fidelity:synthetic"]
-variants = ["exact", "fna:m=4,layers=-2:"]
-limit = 4
-batch_size = 2
-timing_repeats = 2
-"""
+SWEEP = TINY_SWEEP
 
 #: (name, TOML lines added to SWEEP or replacing its keys, expected fragment of the one line)
 BAD_CONFIGS = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import TINY_SWEEP
 
 from fnabench.harness import records as rec
 from fnabench.harness.cli import main
@@ -13,16 +14,6 @@ from fnabench.harness.runner import Runner
 
 pytest.importorskip("timm")
 
-TINY_SWEEP = """
-name = "tiny"
-models = ["tiny:vit"]
-image_sizes = [32]
-tasks = ["fidelity:synthetic"]
-variants = ["fna:m=4,layers=-2:", "exact", "nystrom:m=4"]
-limit = 4
-batch_size = 2
-timing_repeats = 1
-"""
 
 
 @pytest.fixture
@@ -189,6 +180,11 @@ def test_cli_flags_override_config(sweep):
     assert (config.limit, config.dtype, config.out) == (2, "bfloat16", "x")
     with pytest.raises(ConfigError, match="limit must be"):
         cfg.override(config, limit=0)
+    # --tasks drops the options of the tasks it leaves out (the default sweep's knn options, say)
+    default = cfg.load(None)
+    assert "knn:digits" in default.task_options
+    only = cfg.override(default, tasks=["fidelity:images"])
+    assert only.tasks == ["fidelity:images"] and only.task_options == {}
 
 
 def test_list_and_leaderboard_commands(sweep, tmp_path, capsys):
