@@ -230,10 +230,7 @@ class Runner:
         record.update(metrics={k: float(v) for k, v in metrics.items()}, primary_metric=task.primary,
                       higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
                       peak_memory_bytes=int(memory), image_size=loaded.image_size)
-        if hasattr(task, "items"):
-            record["items"] = {k: int(v) for k, v in task.items(data).items()}
-            record["proportions"] = {m: [over, float(scale)] for m, (over, scale) in
-                                     getattr(task, "proportions", {}).items() if m in metrics}
+        record.update(_items(task, data, metrics))
         record["finished"] = rec.now()
         record["duration_s"] = round(time.perf_counter() - t0, 3)
         return record
@@ -248,11 +245,15 @@ class Runner:
         return self._flops[key]
 
     def _retime_cell(self, old: dict, cell: rec.Cell, loaded, task, data, settings: Settings, env: dict) -> dict:
-        """``old`` with latency and memory measured again now; metrics, FLOPs and identity unchanged."""
+        """``old`` with latency and memory measured again now; metrics, FLOPs and identity unchanged.
+
+        A record written before fnabench counted items also gets its item counts, from the same
+        prepared data its metrics came from (the split is seeded, so it is the same data).
+        """
         batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
         timing, memory = self._time(cell, loaded, parse_variant(cell.variant), batch, settings)
         timing = {**timing, "retimed": {"at": rec.now(), "environment": env}}
-        return {**old, "timing": timing, "peak_memory_bytes": int(memory)}
+        return {**_items(task, data, old["metrics"]), **old, "timing": timing, "peak_memory_bytes": int(memory)}
 
     def _time(self, cell: rec.Cell, loaded, variant: Variant, batch: torch.Tensor,
               settings: Settings) -> tuple[dict, int]:
@@ -296,6 +297,15 @@ class Runner:
         if record["status"] != "ok":
             self.log(f"cell failed: {record['model']} | {record['variant_short']} | {record['task']}: "
                      f"{record['error']}")
+
+
+def _items(task, data, metrics) -> dict:
+    """``items`` (how many items stand behind the metrics) and ``proportions`` for a record, if the task says."""
+    if not hasattr(task, "items"):
+        return {}
+    proportions = {m: [over, float(scale)] for m, (over, scale) in getattr(task, "proportions", {}).items()
+                   if m in metrics}
+    return {"items": {k: int(v) for k, v in task.items(data).items()}, "proportions": proportions}
 
 
 def _check_input_size(loaded, model_name: str, dtype: torch.dtype) -> None:
