@@ -17,6 +17,7 @@ import csv
 import io
 import math
 import re
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -187,14 +188,27 @@ def _median(rec: dict) -> float | None:
     return float(median) if isinstance(median, (int, float)) and median > 0 else None
 
 
+def paired_speedup(timing: dict) -> float | None:
+    """The median over timing rounds of exact's latency / the variant's latency in the same round.
+
+    Each round times the two back to back on the same batch, so a round's ratio is immune to load
+    drifting between rounds; the median of those ratios keeps that pairing, which a ratio of the two
+    medians would throw away. None when the timing has no paired rounds.
+    """
+    rounds = [r for r in timing.get("speedup_rounds") or [] if isinstance(r, (int, float)) and r > 0]
+    return float(statistics.median(rounds)) if rounds else None
+
+
 def speedup(rec: dict, ref: dict | None) -> float | None:
     """Exact latency / this cell's latency, or None when unmeasured.
 
-    The runner times each cell interleaved with exact attention on the same batch and stores that
-    ratio (``timing.speedup``): it is used when present, as it is immune to load drifting between
-    cells. Otherwise the ratio of the two records' medians.
+    The runner times each cell interleaved with exact attention on the same batch: the median of the
+    paired per-round ratios is used when the record has them (:func:`paired_speedup`), else the ratio
+    it stored (``timing.speedup``, older records: exact's median / the variant's median), else the
+    ratio of the two records' medians.
     """
-    paired = (rec.get("timing") or {}).get("speedup") if rec.get("status") == "ok" else None
+    timing = (rec.get("timing") or {}) if rec.get("status") == "ok" else {}
+    paired = paired_speedup(timing) or timing.get("speedup")
     if isinstance(paired, (int, float)) and paired > 0:
         return float(paired)
     if ref is None:

@@ -17,15 +17,19 @@ from .records import RecordError, latest_by_cell, output_path, require_records, 
 PLOT_STEM = "plot"
 _LEGEND = ("GFLOPs are counted FLOPs of one forward pass at the record's input shape (1 FLOP = one multiply or add, "
            "so GFLOPs = 2 × multiply-accumulates / 1e9). Δ and speed-up compare with `exact` attention on the same "
-           "model and settings (speed-up = exact median latency / variant median latency, {timing}); ★ marks the "
+           "model and settings (speed-up: {timing}); ★ marks the "
            "accuracy-vs-GFLOPs Pareto front of each task.")
-_PAIRED = "the two timed in alternating rounds on the same batch"
-_UNPAIRED = "each timed in its own cell"
+_PAIRED = "exact median latency / variant median latency, the two timed in alternating rounds on the same batch"
+_PAIRED_ROUNDS = ("the median over rounds of exact's latency / the variant's in the same round, the two timed in "
+                  "alternating rounds on the same batch")
+_UNPAIRED = "exact median latency / variant median latency, each timed in its own cell"
 
 
 def _timing_note(records: list[dict]) -> str:
     """How the speed-ups were timed: paired with exact in alternating rounds (the runner), or not (older records)."""
     timed = [r for r in records if r["status"] == "ok" and r.get("timing") and r["variant"] != EXACT_REFERENCE]
+    if timed and all(r["timing"].get("speedup_rounds") for r in timed):
+        return _PAIRED_ROUNDS
     return _PAIRED if timed and all("reference" in r["timing"] for r in timed) else _UNPAIRED
 
 

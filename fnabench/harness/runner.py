@@ -27,7 +27,7 @@ from ..tasks.base import Settings
 from ..variants import SpecError, Variant, parse_variant
 from . import records as rec
 from .config import ConfigError, SweepConfig
-from .leaderboard import EXACT_REFERENCE
+from .leaderboard import EXACT_REFERENCE, paired_speedup
 from .registry import load_model, make_task
 
 
@@ -285,8 +285,8 @@ class Runner:
         timing = {**lats[0].as_dict(), "batch_size": n, "images_per_s": lats[0].throughput(n)}
         if paired:
             timing["reference"] = {"variant": reference.canonical, **lats[1].as_dict()}
-            timing["speedup"] = lats[1].median / lats[0].median
             timing["speedup_rounds"] = [ref / own for own, ref in zip(lats[0].times, lats[1].times, strict=True)]
+            timing["speedup"] = paired_speedup(timing)
         self._timings[key] = (timing, int(memory))
         return self._timings[key]
 
