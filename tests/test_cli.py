@@ -294,3 +294,17 @@ def test_identical_rerun_passes_the_gate_and_a_changed_number_fails_it(sweep, tm
         capsys.readouterr()
         assert main(["check", str(second), "--baseline", str(base)]) == 1
         assert ("metric cos_sim" if change == "metric" else "GFLOPs") in capsys.readouterr().out
+
+
+def test_weights_missing_offline_fail_their_cells_not_the_sweep(sweep, tmp_path, capsys):
+    """Preflight refuses mistakes, but a model whose weights are not cached is the machine's state: its
+    cells record the one-line load error and the other model's cells run."""
+    out = tmp_path / "results"
+    code = main(["run", str(sweep), "--out", str(out), "--quiet", "--variants", "exact",
+                 "--models", "timm:vit_tiny_patch16_224.augreg_in21k", "tiny:vit"])
+    assert code == 1
+    by_model = {r["model"]: r for r in rec.read_records(out)}
+    assert by_model["tiny:vit"]["status"] == "ok"
+    failed = by_model["timm:vit_tiny_patch16_224.augreg_in21k"]
+    assert failed["status"] == "failed" and "not in the local cache" in failed["error"]
+    assert "cell failed" in capsys.readouterr().err
