@@ -52,6 +52,11 @@ def _check_tolerance(name: str, value: Any) -> float:
     return float(value)
 
 
+def _median_noise(rounds: int) -> float:
+    """How much noisier a median of ``rounds`` values is than their mean (√(π/2) for normal data; equal up to 2)."""
+    return 1.2533 if rounds >= 3 else 1.0
+
+
 @dataclass(frozen=True)
 class SpeedSample:
     """A cell's speed-up vs exact as one run measured it: the ratio, its spread over rounds, and the conditions."""
@@ -65,13 +70,12 @@ class SpeedSample:
     def standard_error(self, pooled_sd: float | None) -> float | None:
         """Standard error of the log ratio: the larger of the cell's own and the run's pooled spread, over √rounds.
 
-        The pooled spread guards against two rounds that happened to agree; a median over three or
-        more rounds is 1.25× as noisy as a mean.
+        The pooled spread guards against two rounds that happened to agree.
         """
         sds = [sd for sd in (self.log_sd, pooled_sd) if sd is not None]
         if not sds or self.rounds < 1:
             return None
-        return max(sds) * (1.2533 if self.rounds >= 3 else 1.0) / math.sqrt(self.rounds)
+        return max(sds) * _median_noise(self.rounds) / math.sqrt(self.rounds)
 
 
 def speed_sample(rec: Mapping[str, Any], ref: Mapping[str, Any] | None) -> SpeedSample | None:
@@ -95,9 +99,9 @@ def pooled_log_sd(samples: Iterable[SpeedSample | None]) -> float | None:
 
 def _rounds_needed(se: float, rounds: int, z: float, tolerance_log: float, most: int = 1000) -> int:
     """The fewest timing rounds whose noise (z·√2 standard errors, same spread) fits inside the tolerance."""
-    spread = se * math.sqrt(rounds) / (1.2533 if rounds >= 3 else 1.0)
+    spread = se * math.sqrt(rounds) / _median_noise(rounds)
     for n in range(rounds, most):
-        if z * math.sqrt(2) * spread * (1.2533 if n >= 3 else 1.0) / math.sqrt(n) <= tolerance_log:
+        if z * math.sqrt(2) * spread * _median_noise(n) / math.sqrt(n) <= tolerance_log:
             return n
     return most
 
