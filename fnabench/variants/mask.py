@@ -26,12 +26,29 @@ def detect_tokens(
     num_prefix: int,
     artifact_ratio: float,
     massive_ratio: float,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(massive, artifact) bool [B, N] masks from the residual stream [B, N, C]; prefix tokens never."""
+    """(massive, artifact) bool [B, N] masks from the residual stream [B, N, C]; prefix tokens never.
+
+    With ``causal`` a token is judged against the median norm of the tokens up to itself, so a later
+    token cannot change which earlier tokens are masked.
+    """
     norms = residual.float().norm(dim=-1)
+    if causal:
+        ratio = norms / prefix_medians(norms).clamp(min=torch.finfo(torch.float32).tiny)
+        massive = ratio >= massive_ratio
+        artifact = (ratio >= artifact_ratio) & ~massive
+        return massive, artifact
     massive = high_norm_tokens(norms, massive_ratio, num_prefix)
     artifact = high_norm_tokens(norms, artifact_ratio, num_prefix) & ~massive
     return massive, artifact
+
+
+def prefix_medians(norms: torch.Tensor) -> torch.Tensor:
+    """[B, N] → [B, N]: the median of norms[:, :t+1] at each t (O(N²) memory; decoder prompts are short)."""
+    n = norms.shape[-1]
+    future = torch.ones(n, n, dtype=torch.bool, device=norms.device).triu(1)
+    return norms[:, None, :].expand(-1, n, -1).masked_fill(future, float("nan")).nanmedian(dim=-1).values
 
 
 def choose(massive: torch.Tensor, artifact: torch.Tensor, tokens: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ in records, so two spellings of the same variant always land in the same leaderb
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -125,6 +125,9 @@ class Param:
     default: Any
     accepts: str
     check: Callable[[Any], bool] = lambda _v: True
+    #: a key added after variant strings were first recorded: left out of the canonical string at
+    #: its default, so the identities of records written before it existed do not change
+    later: bool = False
 
 
 def _choice(*options: str) -> Param:
@@ -139,7 +142,11 @@ def _choice(*options: str) -> Param:
 _LAYERS = Param(_parse_slice, LayerSlice(None, None), "a slice such as ':' or '-6:' or an index")
 _TOWER = _choice("image", "text", "all")
 _M = Param(_parse_int, 64, "an integer >= 1", lambda v: v >= 1)
-_PINV = _choice("newton", "exact")
+_PINV = _choice("newton", "exact", "ridge")
+#: causal attention only (decoders): Tikhonov weight of the lower-triangular inverse (variants/causal.py)
+_RIDGE = Param(float, 1.0, "a float > 0", lambda v: v > 0, later=True)
+#: causal attention only: what generation keeps for the prefill (landmark keys and Ṽ, or every token)
+_CACHE = Param(_choice("landmark", "full").parse, "landmark", "landmark | full", later=True)
 _ITERS = Param(_parse_int, 6, "an integer >= 1", lambda v: v >= 1)
 _RCOND = Param(_parse_float_or_auto, None, "'auto' (torch's default) or a float in (0, 1)",
                lambda v: v is None or 0 < v < 1)
@@ -154,7 +161,7 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "m": _M,
         "layers": _LAYERS,
         "tower": _TOWER,
-        "landmarks": _choice("fps", "random", "norm"),
+        "landmarks": _choice("fps", "random", "norm", "stride"),
         "features": _choice("q", "k", "v", "input"),
         "pinv": _PINV,
         "iters": _ITERS,
@@ -164,6 +171,8 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "exclude": Param(_parse_tokens, TokenSet("none"), "none | prefix | cls | a slice a:b"),
         "seed": Param(_parse_int, 0, "an integer"),
         "norm_ratio": Param(float, 3.0, _RATIO, lambda v: v > 1),
+        "ridge": _RIDGE,
+        "cache": _CACHE,
     },
     "nystrom": {
         "m": _M,
@@ -172,6 +181,8 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "pinv": _PINV,
         "iters": _ITERS,
         "rcond": _RCOND,
+        "ridge": _RIDGE,
+        "cache": _CACHE,
     },
     "mask": {
         "tokens": _choice("artifact", "massive", "all"),
@@ -198,10 +209,15 @@ MODIFIERS = ("mask",)
 
 @dataclass(frozen=True)
 class Component:
-    """One parsed ``name:key=value,...`` part with every key filled."""
+    """One parsed ``name:key=value,...`` part with every key filled.
+
+    ``given`` names the keys the spec spelt out; a default may depend on the model (on causal
+    attention an unnamed ``landmarks``/``pinv`` becomes a causal-safe one), a named value never does.
+    """
 
     name: str
     params: tuple[tuple[str, Any], ...]
+    given: frozenset[str] = field(default=frozenset(), compare=False)
 
     @cached_property
     def values(self) -> dict[str, Any]:
@@ -210,17 +226,27 @@ class Component:
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
 
+    def _shown(self) -> list[tuple[str, Any]]:
+        keys = COMPONENTS[self.name]
+        return [(k, v) for k, v in self.params if not (keys[k].later and v == keys[k].default)]
+
     @property
     def canonical(self) -> str:
-        if not self.params:
+        shown = self._shown()
+        if not shown:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in self.params)
+        return self.name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in shown)
+
+    def with_values(self, **values: Any) -> Component:
+        """A copy with ``values`` set, as if the spec had named them."""
+        merged = {**self.values, **values}
+        return Component(self.name, tuple(sorted(merged.items())), self.given | set(values))
 
     @property
     def short(self) -> str:
         """Only the keys that differ from their defaults: the compact form for tables."""
         keys = COMPONENTS[self.name]
-        diff = [f"{k}={format_value(v)}" for k, v in self.params if v != keys[k].default or k in _ALWAYS_SHOWN]
+        diff = [f"{k}={format_value(v)}" for k, v in self._shown() if v != keys[k].default or k in _ALWAYS_SHOWN]
         return self.name + (":" + ",".join(diff) if diff else "")
 
 
@@ -256,7 +282,7 @@ def parse_component(text: str, spec: str) -> Component:
                 f"bad value {raw!r} for {name}:{key} in {spec!r}; accepted: {keys[key].accepts}"
             )
         values[key] = value
-    return Component(name, tuple(sorted(values.items())))
+    return Component(name, tuple(sorted(values.items())), frozenset(seen))
 
 
 def parse_components(spec: str) -> tuple[Component, Component | None]:

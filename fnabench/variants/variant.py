@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import landmarks as lm
+from .causal import causal_fna_attention, causal_order, causal_segment_attention, stride_positions
 from .exact import exact_attention, sdpa_attention
 from .fna import fna_attention
 from .mask import choose, detect_tokens, key_keep_mask, zero_values
@@ -20,6 +21,9 @@ from .spec import Component, SpecError, parse_components
 
 #: profiler range around every variant call; fnabench/measure.py counts FLOPs inside it as attention
 ATTENTION_RANGE = "fnabench::attention"
+#: landmark selectors that look at the whole sequence: on causal attention later tokens would pick
+#: the landmarks earlier tokens use, so they run there only when the spec names them
+LEAKY_SELECTORS = ("fps", "norm")
 
 
 @dataclass
@@ -38,6 +42,12 @@ class ForwardState:
     landmarks: torch.Tensor | None = None
     masked: torch.Tensor | None = None
     history: dict = field(default_factory=dict)
+    #: a decoder tower (its attention is causal): unnamed landmark/inverse defaults are causal-safe
+    causal: bool = False
+    #: the model's only tower: a component applies to it whatever its ``tower`` key says
+    only_tower: bool = False
+    #: per layer, what a landmark KV cache keeps from the prefill: (landmark keys, Ṽ, last landmark position)
+    prefill: dict = field(default_factory=dict)
 
     def begin_layer(self, layer: int, residual: torch.Tensor | None) -> None:
         """Called as block ``layer`` starts; block 0 starts a new forward and clears the caches."""
@@ -45,6 +55,7 @@ class ForwardState:
             self.landmarks = None
             self.masked = None
             self.history = {}
+            self.prefill = {}
         self.layer = layer
         self.residual = residual
 
@@ -52,7 +63,7 @@ class ForwardState:
 def _applies(component: Component | None, state: ForwardState) -> bool:
     if component is None:
         return False
-    if component["tower"] not in ("all", state.tower):
+    if component["tower"] not in ("all", state.tower) and not state.only_tower:
         return False
     return state.layer in component["layers"].resolve(state.num_layers)
 
@@ -79,6 +90,24 @@ class Variant:
     @property
     def is_exact(self) -> bool:
         return self.core.name == "exact" and self.mask is None
+
+    def for_causal(self) -> Variant:
+        """This variant as it runs on causal attention: an unnamed ``landmarks`` becomes ``stride`` and an
+        unnamed ``pinv`` becomes ``ridge`` (variants/causal.py); named values are kept, leaky or not."""
+        core = self.core
+        if core.name not in ("fna", "nystrom"):
+            return self
+        change = {}
+        if core.name == "fna" and "landmarks" not in core.given:
+            change["landmarks"] = "stride"
+        if "pinv" not in core.given:
+            change["pinv"] = "ridge"
+        return Variant(core.with_values(**change), self.mask) if change else self
+
+    @property
+    def leaks_future(self) -> bool:
+        """On causal attention, whether later tokens can change earlier outputs (a whole-sequence selector)."""
+        return self.core.name == "fna" and self.core["landmarks"] in LEAKY_SELECTORS
 
     def towers(self) -> set[str]:
         """Towers the variant changes ('image', 'text'); exact touches the image tower by default."""
@@ -117,14 +146,66 @@ class Variant:
         *,
         scale: float | None = None,
         attn_mask: torch.Tensor | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         """Self-attention of [B, H, N, d] q, k, v at ``state.layer`` of ``state.tower`` → [B, H, N, d].
 
+        ``causal`` asks for causal attention (token t sees tokens ≤ t), honoured by every variant.
         ``attn_mask`` is additive or bool (True = keep), broadcastable to [B, H, N, N]; only exact
-        attention honours it, approximations refuse it rather than silently ignore it.
+        attention honours any other mask, approximations refuse it rather than silently ignore it.
         """
         with torch.profiler.record_function(ATTENTION_RANGE):
+            if causal:
+                if attn_mask is not None:
+                    raise ValueError("causal=True takes no attn_mask; pass one or the other")
+                return self._attend_causal(q, k, v, state, scale)
             return self._attend(q, k, v, state, scale, attn_mask)
+
+    def _attend_causal(self, q, k, v, state: ForwardState, scale) -> torch.Tensor:
+        """Causal attention (variants/causal.py for the approximations); future tokens never matter."""
+        variant = self.for_causal()
+        key_masked = None
+        if _applies(variant.mask, state):
+            key_masked, v = variant._apply_mask(v, state, causal=True)
+        core = variant.core
+        n = q.shape[-2]
+        if core.name == "exact" or not _applies(core, state) or (core.name != "null" and core["m"] >= n):
+            keep = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]
+            if key_masked is not None:
+                keep = keep & key_keep_mask(key_masked)
+            if variant.core.name == "exact" and variant.core["impl"] == "math":
+                return exact_attention(q, k, v, scale=scale, attn_mask=keep)
+            if key_masked is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return sdpa_attention(q, k, v, scale=scale, attn_mask=keep)
+        if core.name == "null":
+            return v
+        inverse = "exact" if core["pinv"] == "exact" else core["pinv"]
+        if core.name == "nystrom":
+            return causal_segment_attention(q, k, v, core["m"], scale=scale, inverse=inverse, ridge=core["ridge"],
+                                            iters=core["iters"])
+        idx = variant._causal_landmarks(q, k, v, state, key_masked)
+        out, (k_land, v_tilde) = causal_fna_attention(q, k, v, idx, scale=scale, inverse=inverse,
+                                                      ridge=core["ridge"], iters=core["iters"],
+                                                      key_masked=key_masked, return_cache=True)
+        state.prefill[state.layer] = (idx, k_land, v_tilde)
+        return out
+
+    def _causal_landmarks(self, q, k, v, state: ForwardState, key_masked) -> torch.Tensor:
+        """Sorted landmark indices [B, m] holding position 0; ``stride`` and ``random`` never read content."""
+        core = self.core
+        if state.landmarks is not None and not core["resample"] and state.landmarks.shape[0] == q.shape[0]:
+            return state.landmarks
+        b, _, n, _ = q.shape
+        guarantee = core["guarantee"].mask(n, state.num_prefix)
+        exclude = core["exclude"].mask(n, state.num_prefix)
+        if core["landmarks"] == "stride":
+            idx = stride_positions(n, core["m"], guarantee=guarantee, exclude=exclude)[None].expand(b, -1)
+        else:
+            idx = causal_order(self._landmarks(q, k, v, state, key_masked, keep=False), n)
+        idx = idx.to(q.device)
+        state.landmarks = idx
+        return idx
 
     def _attend(self, q, k, v, state: ForwardState, scale, attn_mask) -> torch.Tensor:
         key_masked = None
@@ -163,7 +244,7 @@ class Variant:
             return exact_attention(q, k, v, scale=scale, attn_mask=attn_mask)
         return sdpa_attention(q, k, v, scale=scale, attn_mask=attn_mask)
 
-    def _apply_mask(self, v: torch.Tensor, state: ForwardState):
+    def _apply_mask(self, v: torch.Tensor, state: ForwardState, causal: bool = False):
         mask = self.mask
         assert mask is not None
         if state.masked is None or mask["detect"] == "each":
@@ -171,7 +252,7 @@ class Variant:
                 raise ValueError("mask needs the residual stream, but the adapter gave none")
             massive, artifact = detect_tokens(state.residual, num_prefix=state.num_prefix,
                                               artifact_ratio=mask["artifact_ratio"],
-                                              massive_ratio=mask["massive_ratio"])
+                                              massive_ratio=mask["massive_ratio"], causal=causal)
             state.masked = choose(massive, artifact, mask["tokens"])
             state.history[state.layer] = (massive, artifact)
         masked = state.masked
@@ -179,9 +260,9 @@ class Variant:
             return None, zero_values(v, masked)
         return masked, v
 
-    def _landmarks(self, q, k, v, state: ForwardState, key_masked) -> torch.Tensor:
+    def _landmarks(self, q, k, v, state: ForwardState, key_masked, keep: bool = True) -> torch.Tensor:
         core = self.core
-        if state.landmarks is not None and not core["resample"]:
+        if keep and state.landmarks is not None and not core["resample"]:
             return state.landmarks
         b, _, n, _ = q.shape
         m = core["m"]
@@ -192,7 +273,10 @@ class Variant:
         with torch.no_grad():
             feats = self._features(q, k, v, state)
             method = core["landmarks"]
-            if method == "fps":
+            if method == "stride":
+                idx = stride_positions(n, m, guarantee=guarantee, exclude=exclude[0])[None].expand(b, -1)
+                idx = idx.to(q.device)
+            elif method == "fps":
                 idx = lm.farthest_point_sampling(feats, m, guarantee=guarantee, exclude=exclude)
             elif method == "random":
                 idx = lm.random_selection(b, n, m, seed=core["seed"], device=q.device,
