@@ -43,10 +43,10 @@ class Site:
     state: ForwardState
     variant: Variant
 
-    def attend(self, q, k, v, *, scale=None, attn_mask=None) -> torch.Tensor:
-        """Run the variant for this site's layer on [B, H, N, d] q, k, v."""
+    def attend(self, q, k, v, *, scale=None, attn_mask=None, causal: bool = False) -> torch.Tensor:
+        """Run the variant for this site's layer on [B, H, N, d] q, k, v (causally if ``causal``)."""
         self.state.layer = self.layer
-        return self.variant.attend(q, k, v, self.state, scale=scale, attn_mask=attn_mask)
+        return self.variant.attend(q, k, v, self.state, scale=scale, attn_mask=attn_mask, causal=causal)
 
 
 @dataclass
@@ -217,6 +217,11 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             raise AlreadyPatchedError(f"module {name or type(module).__name__} is already patched by fnabench")
 
     wanted = variant.towers()
+    present = {_tower_of(_block_of(model, n)[1]) if n else "image" for n, _, _ in found}
+    # a model with one tower (an LM, a ViT) is patched whatever it is called, unless tower= names another
+    only = len(present) == 1 and (wanted == {"image"} or present <= wanted)
+    if only:
+        wanted = present
     states: dict[str, ForwardState] = {}
     sites: list[Site] = []
     for name, module, kind in found:
@@ -226,7 +231,8 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             continue
         if tower not in states:
             prefix = _num_prefix(model, list_path, tower) if num_prefix is None else num_prefix
-            states[tower] = ForwardState(tower=tower, num_layers=depth, num_prefix=prefix)
+            states[tower] = ForwardState(tower=tower, num_layers=depth, num_prefix=prefix, only_tower=only)
+        states[tower].causal |= bool(getattr(module, "is_causal", False)) and "decoder" in kind.label
         block = model.get_submodule(block_path) if block_path else model
         sites.append(Site(name, module, kind, block, layer, states[tower], variant))
     if not sites:
@@ -237,6 +243,10 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
         )
 
     variant.check_depth({tower: state.num_layers for tower, state in states.items()})
+    if states and all(state.causal for state in states.values()):
+        variant = variant.for_causal()  # what runs in a decoder: causal-safe defaults, named in the string
+        for site in sites:
+            site.variant = variant
     handle = PatchHandle(model, variant, sites, states)
     try:
         for site in sites:

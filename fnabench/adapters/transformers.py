@@ -1,9 +1,17 @@
-"""transformers vision encoders: CLIP, SigLIP and DINOv2 attention.
+"""transformers attention: CLIP, SigLIP and DINOv2 encoders, and decoder-only LMs (GPT-2, Llama,
+Qwen2/3, Mistral, OLMo, OLMo-2).
 
 Where the attention class dispatches through ``AttentionInterface`` (transformers ≥ 4.48), the
 patch registers an ``"fnabench"`` attention function once and points the tower's config at it
 (restoring the previous implementation on removal); the module's weights and forward stay
 untouched. Otherwise the module's forward is swapped for one that projects q, k, v itself.
+
+Decoders: the ``"fnabench"`` implementation gets sdpa's mask function, so a decoder layer sees
+either no mask (plain causal) or a 4-D boolean one. Plain causal prefill runs the variant causally
+(variants/causal.py); any other mask (left padding) runs exact attention or is refused by an
+approximation. Decoding steps attend exactly to what the KV cache holds; with ``cache=landmark``
+the prefill's cache is replaced, layer by layer, by the landmark keys with their Nyström values Ṽ
+plus the real tokens after the last landmark (kv_cache.py).
 """
 
 from __future__ import annotations
@@ -14,44 +22,121 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import UserError
 from .._extras import require
+from ..variants.variant import ATTENTION_RANGE
 from .core import AttentionKind, Site, install_forward, merge_heads, split_heads
+from .kv_cache import compress_layer
 from .loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, describe_load_failure, make_preprocess
 
 IMPLEMENTATION = "fnabench"
 #: "auto" uses AttentionInterface where the class dispatches through it; "swap" forces the module swap
 ROUTE = "auto"
-CLASSES = ("CLIPAttention", "SiglipAttention", "Dinov2Attention", "Dinov2SelfAttention",
-           "Dinov2WithRegistersAttention", "Dinov2WithRegistersSelfAttention")
-LOOKS_FOR = [f"transformers {name}" for name in CLASSES[:3]]
+ENCODER_CLASSES = ("CLIPAttention", "SiglipAttention", "Dinov2Attention", "Dinov2SelfAttention",
+                   "Dinov2WithRegistersAttention", "Dinov2WithRegistersSelfAttention")
+DECODER_CLASSES = ("GPT2Attention", "LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
+                   "OlmoAttention", "Olmo2Attention")
+CLASSES = ENCODER_CLASSES + DECODER_CLASSES
+LOOKS_FOR = [f"transformers {name}" for name in (*CLASSES[:3], *DECODER_CLASSES)]
+
+
+class PaddingMaskError(UserError, ValueError):
+    """An approximation asked to honour a padding mask it cannot honour."""
+
+
+def is_decoder_attention(module: nn.Module) -> bool:
+    """A causal self-attention layer of a decoder-only LM (not cross-attention)."""
+    return type(module).__name__ in DECODER_CLASSES and bool(getattr(module, "is_causal", False))
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, H_kv, N, d] → [B, heads, N, d]: grouped-query attention's key/value heads, one per query head."""
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _is_plain_causal(mask: torch.Tensor | None, n: int) -> bool:
+    """True for no mask or a boolean [.., n, n] mask that is exactly lower-triangular in every row."""
+    if mask is None:
+        return True
+    if mask.dtype != torch.bool or mask.shape[-1] != n or mask.shape[-2] != n:
+        return False
+    return bool((mask == torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()).all())
+
+
+def _decoder_attention(site: Site, module, query, key, value, attention_mask, scaling):
+    """Prefill: the variant, causally; decode steps: exact attention over the cache's keys."""
+    heads = query.shape[1]
+    key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len < kv_len:  # decoding (or chunked prefill) on a cache: exact over what it holds
+        if attention_mask is None and q_len > 1:
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        with torch.profiler.record_function(ATTENTION_RANGE):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+    if _is_plain_causal(attention_mask, q_len):
+        state = site.state
+        state.prefill.pop(site.layer, None)
+        out = site.attend(query, key, value, scale=scaling, causal=True)
+        cache = module.__dict__.get("_fnabench_cache")
+        entry = state.prefill.get(site.layer)
+        if cache is not None and entry is not None and site.variant.core["cache"] == "landmark":
+            compress_layer(cache, module.layer_idx, *entry)
+        return out
+    try:
+        return site.attend(query, key, value, scale=scaling, attn_mask=attention_mask)
+    except ValueError as err:
+        raise PaddingMaskError(
+            f"{site.variant.core.name} cannot honour the padding mask of a left-padded batch in {site.name}; "
+            "accepted: unpadded input (one sequence, or sequences of equal length) or exact attention"
+        ) from err
 
 
 def fnabench_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        **_kwargs):
     """The ``AttentionInterface`` function: [B, H, N, d] in, ([B, N, H, d], None) out, like sdpa's."""
     site = module.__dict__.get("_fnabench_site")
+    decoder = is_decoder_attention(module)
     if site is None:  # a module sharing the config that fnabench did not patch: plain exact attention
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+        if decoder:
+            key, value = _repeat_kv(key, query.shape[1]), _repeat_kv(value, query.shape[1])
+        causal = decoder and attention_mask is None and query.shape[2] == key.shape[2] > 1
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                             is_causal=causal)
+    elif decoder:
+        out = _decoder_attention(site, module, query, key, value, attention_mask, scaling)
     else:
         out = site.attend(query, key, value, scale=scaling, attn_mask=attention_mask)
     return out.transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
-    AttentionInterface = require("transformers").AttentionInterface
-
-    if AttentionInterface._global_mapping.get(IMPLEMENTATION) is not fnabench_attention:
-        AttentionInterface.register(IMPLEMENTATION, fnabench_attention)
+    tr = require("transformers")
+    if tr.AttentionInterface._global_mapping.get(IMPLEMENTATION) is not fnabench_attention:
+        tr.AttentionInterface.register(IMPLEMENTATION, fnabench_attention)
+    masks = tr.masking_utils.AttentionMaskInterface
+    if IMPLEMENTATION not in masks._global_mapping:  # decoders build sdpa's masks for fnabench
+        masks.register(IMPLEMENTATION, tr.masking_utils.sdpa_mask)
 
 
 def dispatches_through_interface(module: nn.Module) -> bool:
     """True when the class's forward looks its attention function up in ALL_ATTENTION_FUNCTIONS."""
-    code = type(module).forward.__code__
-    return "ALL_ATTENTION_FUNCTIONS" in code.co_names and hasattr(module, "config")
+    forward = type(module).forward
+    while hasattr(forward, "__wrapped__"):  # deprecation decorators wrap the real forward
+        forward = forward.__wrapped__
+    return "ALL_ATTENTION_FUNCTIONS" in forward.__code__.co_names and hasattr(module, "config")
 
 
 # configs whose implementation fnabench replaced → (original implementation, number of sites)
 _ORIGINAL: dict[int, list] = {}
+
+
+def _cache_hook(module, args, kwargs):
+    """Remember the KV cache a decoder layer is called with (the attention function is not given it)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "self_attention_cache"):
+        cache = cache.self_attention_cache
+    module.__dict__["_fnabench_cache"] = cache
 
 
 def _install_interface(site: Site):
@@ -60,8 +145,13 @@ def _install_interface(site: Site):
     entry = _ORIGINAL.setdefault(id(config), [config._attn_implementation, 0])
     entry[1] += 1
     config._attn_implementation = IMPLEMENTATION
+    hook = site.module.register_forward_pre_hook(_cache_hook, with_kwargs=True) if is_decoder_attention(
+        site.module) else None
 
     def undo() -> None:
+        if hook is not None:
+            hook.remove()
+            site.module.__dict__.pop("_fnabench_cache", None)
         entry[1] -= 1
         if entry[1] == 0:
             config._attn_implementation = entry[0]
@@ -85,6 +175,11 @@ def _install_swap(site: Site):
 
 
 def _install(site: Site):
+    if is_decoder_attention(site.module):
+        if not dispatches_through_interface(site.module):
+            raise NotImplementedError(f"{site.name}: {type(site.module).__name__} does not dispatch through "
+                                      "AttentionInterface; upgrade transformers to >= 4.48")
+        return _install_interface(site)
     if ROUTE == "swap" or not dispatches_through_interface(site.module):
         if not all(hasattr(site.module, p) for p in ("q_proj", "k_proj", "v_proj")):
             raise NotImplementedError(
@@ -98,9 +193,14 @@ def _install(site: Site):
 def kinds() -> list[AttentionKind]:
     def matches(m) -> bool:
         cls = type(m)
-        return cls.__name__ in CLASSES and cls.__module__.startswith("transformers.")
+        return (cls.__name__ in CLASSES and cls.__module__.startswith("transformers.")
+                and not getattr(m, "is_cross_attention", False))
 
-    return [AttentionKind("transformers attention", matches, _install)]
+    def matches_decoder(m) -> bool:
+        return matches(m) and is_decoder_attention(m)
+
+    return [AttentionKind("transformers decoder attention", matches_decoder, _install),
+            AttentionKind("transformers attention", matches, _install)]
 
 
 
