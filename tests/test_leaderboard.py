@@ -372,6 +372,52 @@ def test_publish_drops_stale_files_and_notes_missing_matplotlib(tmp_path, monkey
         publish(results, dest, config_path=tmp_path / "nope.toml")
 
 
+def test_publish_keeps_the_folders_description_and_lists_a_suites_files(tmp_path, monkeypatch):
+    """description.md (from RESULTS, else the folder's own) goes under the title and survives a rebuild from
+    the folder's records; files another tool wrote beside the table are kept and listed."""
+    from fnabench.harness import publish as pub
+
+    monkeypatch.setattr(pub, "plot", lambda records, stem: [])
+    results = _results(tmp_path)
+    (results / "sweep.toml").write_text('models = ["timm:vit_small"]\ndescription = "From the config."\n')
+    (results / "description.md").write_text("From the file, **by hand**.\n")
+    dest = tmp_path / "lb"
+    dest.mkdir()
+    (dest / "extra.md").write_text("a suite's own table\n")
+    (dest / ".hidden").write_text("")
+    readme = (publish(results, dest) / "README.md").read_text()
+    assert readme.startswith("# Leaderboard: lb\n\nFrom the config.\n\nFrom the file, **by hand**.\n\n11 cells")
+    assert "- description: [description.md](description.md) (hand-written; shown above)" in readme
+    assert ("- also in this folder, written by the tool that made the records, not by publish: [extra.md](extra.md)"
+            in readme) and ".hidden" not in readme
+    assert readme.endswith("`fnabench publish RESULTS DEST`; edit only description.md by hand.\n")
+    assert (dest / "description.md").read_text() == "From the file, **by hand**.\n"
+    again = publish(dest / "records", tmp_path / "lb", config_path=dest / "config.toml")  # from its records alone
+    assert (again / "README.md").read_text() == readme and (dest / "extra.md").exists()
+    with pytest.raises(rec_io.RecordError, match=r"description .* not found"):
+        publish(results, dest, description_path=tmp_path / "nope.md")
+
+
+def test_publish_without_timing_or_a_gflops_spread_says_so_and_draws_no_plot(tmp_path, monkeypatch):
+    from fnabench.harness import publish as pub
+
+    def no_plot(*args, **kwargs):
+        raise AssertionError("no plot for rows that all share their GFLOPs")
+
+    monkeypatch.setattr(pub, "plot", no_plot)
+    results = tmp_path / "results"
+    for seed in (0, 1):
+        rec_io.write_record(results, make_record(f"m{seed}", task="recall:h3", metrics={"err": 0.1 * (seed + 1)},
+                                                 higher_is_better={"err": False}, gflops=0.01, image_size=None))
+    dest = tmp_path / "lb"
+    dest.mkdir()
+    (dest / "plot.png").write_bytes(b"stale")
+    readme = (publish(results, dest) / "README.md").read_text()
+    assert "(speed-up: not measured, no record carries timing)" in readme
+    assert "_Plot skipped: every row of each task has the same GFLOPs" in readme and not (dest / "plot.png").exists()
+    assert "- description:" not in readme and "- also in this folder" not in readme
+
+
 def test_points_drawn_on_top_of_each_other_share_one_label():
     from fnabench.harness.leaderboard import _coincident
 
