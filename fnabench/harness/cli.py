@@ -88,11 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _mount_recall(sub) -> None:
-    """``fnabench recall train|eval|plot`` from the recall task suite, when it is present."""
+    """``fnabench recall train|eval|plot|report|...`` from the recall task suite, when it is present; its
+    ``report`` stores records and publishes through :mod:`fnabench.harness.suites`, handed to it here."""
     try:
         from ..tasks.recall import cli as recall_cli
     except ImportError:
         return
+    from . import suites
+
+    recall_cli.HARNESS = suites
     p = sub.add_parser("recall", help="symbolic in-context recall suite: train, eval, plot, report, throughput, icl")
     recall_cli.add_arguments(p.add_subparsers(dest="recall_command", required=True))
 

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from fnabench.harness.cli import main
+from fnabench.harness.suites import RESULT_FIELDS
 from fnabench.tasks.recall import cli, rundir
 from fnabench.tasks.recall.config import RunConfig, read_toml
 from fnabench.tasks.recall.presets import PRESETS, get_preset, paper_lr
@@ -48,9 +50,10 @@ def test_train_eval_plot_report(run_dir, tmp_path, capsys):
     assert cli.main(["plot", str(run_dir), "--out", str(png), "--quiet"]) == 0
     assert png.stat().st_size > 10_000
     board = tmp_path / "board"
-    assert cli.main(["report", str(run_dir), "--out-dir", str(board), "--quiet"]) == 0
+    assert main(["recall", "report", str(run_dir), "--results", str(tmp_path / "results"), "--out-dir", str(board),
+                 "--quiet"]) == 0
     assert {p.name for p in board.iterdir()} >= {"emergence.md", "ood.md", "dynamics.png", "preset.toml",
-                                                 "records.jsonl"}
+                                                 "README.md", "records"}
     ood = (board / "ood.md").read_text()
     for title in ("misdirected label", "synchronized observation", "unseen label", "unseen system"):
         assert title in ood
@@ -65,21 +68,22 @@ def test_records_have_the_harness_shape(run_dir):
     cli.main(["eval", str(run_dir), "--quiet", "--haystack", "1", "--probe", "unseen_label"])
     evaluate_probes(run_dir, probes=("none", "misdirected"), progress=False)
     records = records_from_run(run_dir)
-    main = records[0]
-    assert set(main) == {"model", "variant", "task", "metrics", "gflops", "extra"}
-    assert main["model"] == "gpt2-recall:smoke@seed0" and main["variant"] == "exact"
-    assert main["task"] == "recall:h2"
-    metrics = main["metrics"]
-    for key in ("err_k1", "err_k2", "zero_k1", "ls_k1", "training_examples", "training_gflops", "parameters"):
-        assert isinstance(metrics[key], float)
-    assert metrics["training_examples"] == 40 * 8
-    assert main["gflops"] > 0 and json.dumps(records)
-    assert main["extra"]["emergence"]["1"]["threshold"] > 0
+    first = records[0]
+    assert set(RESULT_FIELDS) <= set(first) and "schema" not in first  # the harness completes them
+    assert first["model"] == "gpt2-recall:smoke@seed0" and first["variant"] == "exact"
+    assert first["task"] == "recall:h2" and first["primary_metric"] == "err_k1"
+    metrics = first["metrics"]
+    for key in ("err_k1", "err_k2", "zero_k1", "ls_k1"):
+        assert isinstance(metrics[key], float) and first["higher_is_better"][key] is False
+    assert first["recall"]["training"]["examples"] == 40 * 8 and first["recall"]["training"]["parameters"] > 0
+    assert 0 < first["flops"]["attention"] < first["flops"]["total"] and json.dumps(records)
+    assert first["recall"]["emergence"]["1"]["threshold"] > 0
     by_task = {r["task"]: r for r in records}
     assert {"recall:h2", "recall:h1,probe=unseen_label", "recall:h2,probe=misdirected"} <= set(by_task)
     assert len(records) == len(by_task)  # the plain query's probe evaluation does not duplicate its curve
     probe = by_task["recall:h2,probe=misdirected"]
-    assert probe["extra"]["emergence"] is None and not any(k.startswith("emergence") for k in probe["metrics"])
+    assert probe["recall"]["emergence"] is None and not any(k.startswith("emergence") for k in probe["metrics"])
+    assert by_task["recall:h1,probe=unseen_label"]["flops"]["total"] < first["flops"]["total"]  # a shorter query
 
 
 def test_resume_through_the_cli(tmp_path):

@@ -8,17 +8,27 @@ User errors print one line on stderr and exit with status 2 (``fnabench._errors.
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ..._argparse import OneLineParser
 from ..._errors import guarded
-from .config import PROBES, ConfigError, apply_overrides, parse_assignments, read_toml, to_toml
+from .config import PROBES, ConfigError, apply_overrides, parse_assignments, read_toml
 from .presets import PRESETS, get_preset
 
 PROG = "fnabench recall"
+
+#: ``fnabench.harness.suites``, set by the ``fnabench`` command when it mounts this CLI: ``report`` stores its
+#: records and publishes its leaderboard through the harness, which task suites do not import
+HARNESS = None
+
+
+def _harness():
+    if HARNESS is None:
+        raise ConfigError("report publishes through the harness: run it as `fnabench recall report ...`")
+    return HARNESS
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -140,27 +150,55 @@ def _cmd_report(args) -> int:
     from . import rundir
     from .evaluate import evaluate_probes
     from .plots import plot_dynamics
-    from .records import records_from_run
-    from .report import emergence_table, ood_table
+    from .records import records_from_run, runs_from_records
+    from .report import report_files
+    from .train import set_threads
 
-    runs = _main_summaries(args.run_dirs, args.quiet)  # a bad run folder is refused before anything is made
-    costs = [rundir.read_json(Path(r) / rundir.COSTS) for r in args.run_dirs]
+    harness = _harness()
+    set_threads(args.threads)
+    if bool(args.run_dirs) == bool(args.from_records):
+        raise ConfigError("report takes RUN_DIR... or --from-records RESULTS, not both or neither")
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = emergence_table([(lab, s, c) for (lab, s), c in zip(runs, costs, strict=True)])
-    rundir.atomic_write_text(out / "emergence.md", table)
-    probes = [(lab, evaluate_probes(r, progress=not args.quiet))
-              for r, (lab, _) in zip(args.run_dirs, runs, strict=True)]
-    rundir.atomic_write_text(out / "ood.md", ood_table(probes))
-    plot_dynamics(runs, out / "dynamics.png")
-    config = rundir.load_config(args.run_dirs[0])
-    seeds = ", ".join(str(rundir.load_config(r).train.seed) for r in args.run_dirs)
-    rundir.atomic_write_text(out / "preset.toml", to_toml(config, f"recall preset {config.preset!r}; seeds {seeds}"))
-    records = [rec for r in args.run_dirs for rec in records_from_run(r)]
-    rundir.atomic_write_text(out / "records.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    for name in ("emergence.md", "ood.md", "dynamics.png", "preset.toml", "records.jsonl"):
-        print(out / name)
+    if args.from_records:  # rebuild a leaderboard folder from its records: no run directories needed
+        results_dir = Path(args.from_records)
+        runs = runs_from_records(harness.require_records(results_dir))
+        summaries = None
+    else:
+        # a bad run folder is refused before anything is made
+        summaries = _main_summaries(sorted(args.run_dirs, key=_run_order), args.quiet)
+        for run in args.run_dirs:
+            evaluate_probes(run, progress=not args.quiet)
+        results_dir = Path(args.results) if args.results else Path("results") / out.name
+        harness.store([rec for r in args.run_dirs for rec in records_from_run(r)], results_dir)
+        runs = runs_from_records(harness.require_records(results_dir))
+    out = harness.output_path(out, "--out-dir", folder=True)
+    tables = report_files(runs)
+    for name, text in tables.items():
+        rundir.atomic_write_text(out / name, text)
+    if summaries is not None:
+        plot_dynamics(summaries, out / "dynamics.png")
+    (out / "records.jsonl").unlink(missing_ok=True)  # what report wrote before its records went through publish
+    harness.publish(results_dir, out, command=_report_command(args))
+    print(f"{out}: README.md and records/ (publish), {', '.join(tables)}"
+          + (", dynamics.png" if summaries is not None else "") + f"; records in {results_dir}")
     return 0
+
+
+def _run_order(run) -> tuple:
+    from . import rundir
+
+    config = rundir.load_config(run)
+    return config.preset, config.train.seed, str(run)
+
+
+def _report_command(args) -> str:
+    """The command that made the folder, as its README shows it (from the arguments, not the process's argv)."""
+    parts = ["fnabench", "recall", "report"]
+    parts += [f"--from-records={args.from_records}"] if args.from_records else [str(r) for r in args.run_dirs]
+    if args.results and not args.from_records:
+        parts.append(f"--results={args.results}")
+    parts.append(f"--out-dir={args.out_dir}")
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _cmd_throughput(args) -> int:
@@ -233,9 +271,17 @@ def add_arguments(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_cmd_plot)
 
-    p = subparsers.add_parser("report", help="leaderboard folder: plot, emergence and OOD tables, preset, records")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = subparsers.add_parser("report", help="leaderboard folder: records and table (publish), plot, emergence and "
+                                             "OOD tables, preset",
+                              description="Evaluate runs, store one harness record per evaluation in a results "
+                                          "folder and publish it (README table, records/), with the emergence and "
+                                          "OOD tables, the dynamics plot and the preset beside it; or rebuild such "
+                                          "a folder from its records alone (all but the plot).")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
     p.add_argument("--out-dir", required=True, help="folder to write (e.g. leaderboards/recall-cpu)")
+    p.add_argument("--results", help="results folder for the records (default results/NAME of --out-dir)")
+    p.add_argument("--from-records", metavar="RESULTS",
+                   help="rebuild from these records instead of run dirs (e.g. leaderboards/recall-cpu/records)")
     _common(p)
     p.set_defaults(func=_cmd_report)
 

@@ -1,12 +1,41 @@
-"""Harness records from a run: one dict per evaluated (run, task) with model / variant / task / metrics / gflops."""
+"""A run's evaluations as results for the harness's records, and back to the summaries the report tables need.
+
+Each evaluation stored in a run directory (the plain query's curve over checkpoints, other settings, OOD
+probes at the last checkpoint) gives one *result* in the shape ``fnabench.harness.suites.make_record``
+completes into a harness record:
+
+- model ``gpt2-recall:PRESET@seedS`` (size and training seed), variant ``exact`` (the model's own attention),
+  task ``recall:hH`` (``,probe=P`` for an OOD probe);
+- settings: device ``cpu``, float32, the eval batch and seed; ``options`` the eval settings, the probe and
+  the checkpoint step (so each evaluation is its own cell);
+- metrics (all lower is better): ``err_kK`` (median squared error k observations after the query's open
+  label, at the checkpoint), the zero and least-squares predictors' ``zero_kK`` / ``ls_kK`` on the same
+  queries (k = 1, 2), and for a curve ``emergence_examples_kK`` (training examples until k emerged);
+  primary ``err_k1`` (recall);
+- flops: counted total and attention FLOPs of one query's forward pass; items: query examples × traces;
+- started / finished: when the run directory was made and when the evaluation was written (file times),
+  ``duration_s`` the training wall time up to the checkpoint;
+- ``recall``: what the report's tables need besides (eval settings, emergence points, quartiles, training
+  examples / FLOPs / seconds, the run config and costs, the run directory).
+
+:func:`flat_record` is the suite's earlier record shape (model, variant, task, metrics, gflops, extra), which
+``recall report`` wrote as ``records.jsonl``; :func:`result_from_flat` turns one into a result, so
+records of that form convert without their run directories.
+"""
 
 from __future__ import annotations
 
+import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import rundir
-from .config import RunConfig
+from .config import PROBES, ConfigError, RunConfig, apply_overrides
 from .evaluate import eval_tag, evaluate_run
+
+PRIMARY = "err_k1"
+#: the suite's records in the harness's ``settings``: evaluation runs in float32 on the CPU
+DEVICE, DTYPE = "cpu", "float32"
 
 
 def model_name(config: RunConfig) -> str:
@@ -20,8 +49,8 @@ def task_name(summary: dict) -> str:
     return summary["task"] + ("" if probe == "none" else f",probe={probe}")
 
 
-def record_from_summary(config: RunConfig, costs: dict, summary: dict, run_dir: Path) -> dict:
-    """One record: errors at the last checkpoint, emergence points, training examples and FLOPs."""
+def flat_record(config: RunConfig, costs: dict, summary: dict, run_dir: Path) -> dict:
+    """One evaluation, flat: errors at the last checkpoint, emergence points, training examples and FLOPs."""
     final = summary["model"]["final"]
     metrics: dict[str, float] = {}
     for k, curve in final.items():
@@ -58,10 +87,48 @@ def record_from_summary(config: RunConfig, costs: dict, summary: dict, run_dir: 
     }
 
 
+def result_from_flat(flat: dict, *, started: str, finished: str) -> dict:
+    """The harness result (module docstring) of one flat record; FLOPs are counted again from its config."""
+    from .costs import query_flops
+
+    extra, m = flat["extra"], flat["metrics"]
+    config = RunConfig.from_dict(extra["config"])
+    cfg = apply_overrides(config, {"eval": extra["eval"]}).eval
+    total, attention = query_flops(config, cfg)
+    ks = [str(k) for k in cfg.ks]
+    metrics = {f"err_k{k}": m[f"err_k{k}"] for k in ks}
+    for name in ("zero", "ls", "emergence_examples"):
+        metrics |= {f"{name}_k{k}": m[f"{name}_k{k}"] for k in ("1", "2") if f"{name}_k{k}" in m}
+    options = {k: v for k, v in extra["eval"].items() if k not in ("batch", "seed")}
+    return {
+        "model": flat["model"], "variant": flat["variant"], "task": flat["task"],
+        "settings": {"image_size": None, "dtype": DTYPE, "device": DEVICE, "batch_size": cfg.batch, "limit": None,
+                     "seed": cfg.seed, "options": {**options, "probe": extra["probe"], "step": extra["step"]}},
+        "metrics": metrics, "primary_metric": PRIMARY, "higher_is_better": {name: False for name in metrics},
+        "flops": {"total": total, "attention": attention},
+        "items": {"query examples": cfg.examples, "traces per example": cfg.traces},
+        "seed": cfg.seed, "started": started, "finished": finished, "duration_s": m["train_seconds"],
+        "recall": {
+            "run_dir": extra["run_dir"], "preset": extra["preset"], "train_seed": extra["seed"],
+            "step": extra["step"], "probe": extra["probe"], "eval": extra["eval"], "emergence": extra["emergence"],
+            "quartiles": {f"err_k{k}": [m[f"err_k{k}_q25"], m[f"err_k{k}_q75"]] for k in ("1", "2")
+                          if f"err_k{k}_q25" in m},
+            "training": {"examples": int(m["training_examples"]), "gflops": m["training_gflops"],
+                         "seconds": m["train_seconds"], "parameters": int(m["parameters"])},
+            "config": extra["config"], "costs": extra["costs"],
+        },
+    }
+
+
+def _file_time(path: Path) -> str:
+    stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    return stamp.isoformat(timespec="seconds")
+
+
 def records_from_run(run_dir: str | Path, evaluate: bool = True) -> list[dict]:
-    """Records for every evaluation stored in ``run_dir`` (the plain query's curve first, evaluated now if missing
-    and ``evaluate``; then other settings and OOD probes), in the harness's record shape: model, variant, task,
-    metrics, gflops, extra. Probe records hold the last checkpoint's errors and no emergence points."""
+    """Results (module docstring) for every evaluation stored in ``run_dir``: the plain query's curve first
+    (evaluated now if missing and ``evaluate``), then other settings and OOD probes, which hold the last
+    checkpoint's errors and no emergence points."""
     run_dir = Path(run_dir)
     config = rundir.load_config(run_dir)
     costs = rundir.read_json(run_dir / rundir.COSTS)
@@ -75,4 +142,54 @@ def records_from_run(run_dir: str | Path, evaluate: bool = True) -> list[dict]:
                 paths.append(folder / name)
                 break
     paths.sort(key=lambda p: p != main)
-    return [record_from_summary(config, costs, rundir.read_json(p), run_dir) for p in paths]
+    started = _file_time(run_dir / rundir.CONFIG)
+    return [result_from_flat(flat_record(config, costs, rundir.read_json(p), run_dir), started=started,
+                             finished=_file_time(p)) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------- records → tables
+
+
+def summary_from_record(record: dict) -> dict:
+    """The part of an evaluation summary the report's tables read, rebuilt from one harness record."""
+    r, m = record["recall"], record["metrics"]
+    ks = [str(k) for k in r["eval"]["ks"]]
+    final = {k: {"median": [m[f"err_k{k}"]]} for k in ks}
+    for name, (q25, q75) in r["quartiles"].items():
+        final[name.removeprefix("err_k")] |= {"q25": [q25], "q75": [q75]}
+    baselines = {name: {"final": {k: {"median": m[f"{name}_k{k}"]} for k in ks if f"{name}_k{k}" in m}}
+                 for name in ("zero", "ls")}
+    return {"task": record["task"].split(",probe=")[0], "probe": r["probe"], "eval": r["eval"], "steps": [r["step"]],
+            "examples": [r["training"]["examples"]], "seconds": [r["training"]["seconds"]],
+            "model": {"final": final}, **baselines, "emergence": r["emergence"]}
+
+
+def runs_from_records(records: list[dict]) -> list[dict]:
+    """Per run (model), in (preset, training seed) order: its label, config, costs, the summary of its plain
+    query's curve (its latest) and ``probes``, {probe: summary} at that checkpoint under the run's eval settings
+    (``{"skipped": ...}`` for a probe with no record). Records that are not the recall suite's are refused."""
+    by_model: dict[str, list[dict]] = {}
+    for record in records:
+        if not isinstance(record.get("recall"), dict):
+            raise ConfigError(f"record {record.get('id')} ({record.get('model')} / {record.get('task')}) is not a "
+                              "recall record; accepted: records that `fnabench recall report` wrote")
+        by_model.setdefault(record["model"], []).append(record)
+    runs = []
+    for model, group in by_model.items():
+        config = RunConfig.from_dict(group[0]["recall"]["config"])
+        default = json.loads(json.dumps(config.to_dict()["eval"]))
+        own = [g for g in group if g["recall"]["eval"] == default]
+        curves = [g for g in own if g["recall"]["probe"] == "none" and g["recall"]["emergence"] is not None]
+        if not curves:
+            raise ConfigError(f"{model}: no record of the plain recall query's curve; accepted: records that "
+                              "`fnabench recall report RUN_DIR...` wrote (it evaluates every checkpoint)")
+        main = max(curves, key=lambda g: g["recall"]["step"])
+        step = main["recall"]["step"]
+        at_step = {g["recall"]["probe"]: g for g in own if g["recall"]["step"] == step and g is not main}
+        probes = {}
+        for probe in PROBES:
+            record = main if probe == "none" else at_step.get(probe)
+            probes[probe] = summary_from_record(record) if record else {"skipped": "no record"}
+        runs.append({"label": f"{config.preset} seed {config.train.seed}", "config": config,
+                     "costs": main["recall"]["costs"], "summary": summary_from_record(main), "probes": probes})
+    return sorted(runs, key=lambda run: (run["config"].preset, run["config"].train.seed))

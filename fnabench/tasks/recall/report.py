@@ -5,6 +5,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
+from .config import to_toml
+
+#: the files :func:`report_files` makes beside a leaderboard's table (``dynamics.png`` needs the run directories)
+REPORT_FILES = ("emergence.md", "ood.md", "preset.toml")
+
 PROBE_TITLES = {
     "none": "recall query (in distribution)",
     "misdirected": "misdirected label (another system's label, needle's payload)",
@@ -114,3 +119,15 @@ def ood_table(runs: Sequence[tuple[str, dict[str, dict]]], ks: Sequence[str] | N
             f"(step {step}); median over {len(runs)} run(s) [min–max]. LS = in-context least squares told which "
             "system the payload belongs to.\n\n")
     return note + _table(header, rows)
+
+
+def report_files(runs: Sequence[dict]) -> dict[str, str]:
+    """``emergence.md``, ``ood.md`` and ``preset.toml`` (the first run's config, every run's seed) of runs as
+    :func:`fnabench.tasks.recall.records.runs_from_records` gives them."""
+    seeds = ", ".join(str(run["config"].train.seed) for run in runs)
+    first = runs[0]["config"]
+    return {
+        "emergence.md": emergence_table([(run["label"], run["summary"], run["costs"]) for run in runs]),
+        "ood.md": ood_table([(run["label"], run["probes"]) for run in runs]),
+        "preset.toml": to_toml(first, f"recall preset {first.preset!r}; seeds {seeds}"),
+    }

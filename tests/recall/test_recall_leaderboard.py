@@ -1,0 +1,114 @@
+"""The recall leaderboard goes through the harness: ``recall report`` stores harness records and publishes them;
+leaderboards/recall-cpu rebuilds byte for byte from its records."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fnabench.harness.cli import main
+from fnabench.harness.records import RecordError, read_records
+from fnabench.harness.suites import make_record
+from fnabench.tasks.recall import cli as recall_cli
+from fnabench.tasks.recall.records import runs_from_records
+from fnabench.tasks.recall.report import REPORT_FILES, report_files
+
+BOARD = Path(__file__).resolve().parents[2] / "leaderboards" / "recall-cpu"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("recall") / "smoke"
+    assert recall_cli.main(["train", "--preset", "smoke", "--out", str(out), "--threads", "1", "--quiet"]) == 0
+    return out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_committed_recall_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """Every file of leaderboards/recall-cpu but dynamics.png (which needs the run directories) comes back byte
+    for byte from its records and description.md, through the command its README names."""
+    copy = tmp_path / "leaderboards" / "recall-cpu"
+    shutil.copytree(BOARD, copy)
+    committed = _files(copy)
+    for name in ("README.md", *REPORT_FILES):
+        (copy / name).unlink()
+    monkeypatch.chdir(tmp_path)
+    command = "fnabench recall report --from-records=leaderboards/recall-cpu/records --out-dir=leaderboards/recall-cpu"
+    assert f"- command: `{command}`" in committed["README.md"].decode()
+    assert main(command.split()[1:]) == 0
+    assert _files(copy) == committed
+    records = read_records(copy / "records")
+    assert len(records) == 15 and {r["model"] for r in records} == {f"gpt2-recall:cpu@seed{s}" for s in (0, 1, 2)}
+    assert all(r["variant"] == "exact:impl=sdpa" and r["timing"] is None and r["flops"]["total"] == 9_959_680
+               for r in records)
+    readme = committed["README.md"].decode()
+    assert readme.startswith("# Leaderboard: recall-cpu\n\n**Continuation before recall")
+    assert "### recall:h3 — primary metric: err_k1 (lower is better)" in readme
+    assert "[emergence.md](emergence.md)" in readme and "[dynamics.png](dynamics.png)" in readme
+    assert "records.jsonl" not in {p.name for p in BOARD.iterdir()}
+
+
+def test_report_writes_harness_records_that_publish_turns_into_the_folder(run_dir, tmp_path):
+    results, board = tmp_path / "results", tmp_path / "board"
+    assert main(["recall", "report", str(run_dir), "--results", str(results), "--out-dir", str(board),
+                 "--quiet", "--threads", "1"]) == 0
+    records = read_records(results)  # strict: every file is a valid harness record
+    assert records and read_records(board / "records")
+    assert sorted(p.name for p in (board / "records").iterdir()) == sorted(f"{r['id']}.json" for r in records)
+    plain = next(r for r in records if r["task"] == "recall:h2")
+    assert plain["model"] == "gpt2-recall:smoke@seed0" and plain["variant_short"] == "exact"
+    assert plain["primary_metric"] == "err_k1" and plain["higher_is_better"]["err_k1"] is False
+    assert plain["settings"]["options"]["probe"] == "none" and plain["environment"]["versions"]["torch"]
+    assert plain["started"] <= plain["finished"] and plain["duration_s"] >= 0
+    tasks = {r["task"] for r in records}
+    assert {"recall:h2", "recall:h2,probe=misdirected", "recall:h2,probe=unseen_system"} <= tasks
+    readme = (board / "README.md").read_text()
+    assert readme.startswith("# Leaderboard: board\n")
+    assert "### recall:h2 — primary metric: err_k1 (lower is better)" in readme
+    assert "| gpt2-recall:smoke@seed0 | exact" in readme and "speed-up: not measured" in readme
+    assert "- command: `fnabench recall report " in readme and "[ood.md](ood.md)" in readme
+    made = {name: (board / name).read_text() for name in REPORT_FILES}
+    assert "| smoke seed 0 |" in made["emergence.md"] and "misdirected label" in made["ood.md"]
+    # the same tables come back from the records alone: one path from the records to every table
+    again = tmp_path / "again"
+    assert main(["recall", "report", "--from-records", str(board / "records"), "--out-dir", str(again)]) == 0
+    assert {name: (again / name).read_text() for name in REPORT_FILES} == made
+    assert report_files(runs_from_records(records)) == made
+    def body(text: str) -> list[str]:  # all but the title, the command and the list of the suite's files
+        return [line for line in text.splitlines()[1:] if not line.startswith(("- command:", "- also in this"))]
+
+    assert body((again / "README.md").read_text()) == body(readme)
+
+
+def test_report_needs_the_harness_and_one_source(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(recall_cli, "HARNESS", None)
+    assert recall_cli.main(["report", str(run_dir), "--out-dir", str(tmp_path / "b")]) == 2
+    assert "run it as `fnabench recall report" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert main(["recall", "report", "--out-dir", str(tmp_path / "b")]) == 2
+    assert main(["recall", "report", str(run_dir), "--from-records", str(tmp_path), "--out-dir",
+                 str(tmp_path / "b")]) == 2
+    assert "not both or neither" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_make_record_completes_and_checks_a_suite_result():
+    result = {"model": "m", "variant": "exact", "task": "t", "settings": {"device": "cpu", "seed": 3},
+              "metrics": {"err": 0.5}, "primary_metric": "err", "higher_is_better": {"err": False}, "flops": None,
+              "seed": 3, "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:00:01+00:00",
+              "duration_s": 1.0, "mine": {"kept": True}}
+    record = make_record(result, {"device": "cpu"})
+    assert record["schema"] == 1 and record["status"] == "ok" and record["variant"] == "exact:impl=sdpa"
+    assert record["mine"] == {"kept": True} and record["settings"]["image_size"] is None
+    assert make_record({**result, "variant": "exact:impl=sdpa"}, {})["id"] == record["id"]
+    with pytest.raises(RecordError, match="lacks metrics"):
+        make_record({k: v for k, v in result.items() if k != "metrics"})
+    with pytest.raises(RecordError, match="metric 'err' is not a number"):
+        make_record({**result, "metrics": {"err": "x"}}, {})
