@@ -52,7 +52,8 @@ def test_every_token_a_landmark_is_exact_causal_attention(inverse):
 
 @pytest.mark.parametrize("spec", ["fna:m=8", "fna:m=8,landmarks=random,seed=3", "fna:m=1", "nystrom:m=6",
                                   "fna:m=8,pinv=exact", "fna:m=8,guarantee=0:5", "fna:m=8+mask:tokens=all",
-                                  "mask:tokens=all,artifact_ratio=1.2", "null"])
+                                  "mask:tokens=all,artifact_ratio=1.2", "mask:tokens=first",
+                                  "fna:m=8+mask:tokens=first", "null"])
 def test_future_tokens_never_change_earlier_outputs(spec):
     q, k, v = _qkv()
     residual = torch.randn(q.shape[0], q.shape[2], 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -73,6 +74,15 @@ def test_future_tokens_never_change_earlier_outputs(spec):
         assert _rel(changed[:, :, : t + 1], out[:, :, : t + 1]) <= 1e-6, t
     if variant.mask is not None:
         assert state.masked.any(), "the mask found nothing: the test would not exercise it"
+
+
+def test_masking_the_first_token_removes_it_as_a_key():
+    q, k, v = _qkv()
+    state = ForwardState("text", 1, causal=True, only_tower=True)
+    out = parse_variant("mask:tokens=first").attend(q, k, v, state, causal=True)
+    keep = torch.ones(48, 48, dtype=torch.bool).tril()
+    keep[1:, 0] = False
+    assert _rel(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)) < 1e-12
 
 
 def test_whole_sequence_selectors_leak_and_say_so():
@@ -245,3 +255,38 @@ def test_recall_gpt2_patches_like_any_decoder():
             later[:, 21:] += 1
             assert _rel(model(later)[:, :21], out[:, :21]) <= 1e-6
             assert (out - ref).abs().max() > 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# the recall suite as harness cells
+
+
+def test_recall_cells_run_causal_variants_and_say_which_see_the_future(tmp_path, monkeypatch):
+    from fnabench.harness.config import load as load_config
+    from fnabench.harness.records import read_records
+    from fnabench.harness.runner import run_sweep
+
+    monkeypatch.setenv("FNABENCH_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(f'''name = "recall-wiring"
+models = ["recall:smoke@seed0"]
+tasks = ["recall:none,misdirected"]
+variants = ["exact", "fna:m=8", "fna:m=8,landmarks=fps", "mask:tokens=first"]
+timing_repeats = 1
+timing_warmup = 0
+out = "{tmp_path / 'out'}"
+''')
+    summary = run_sweep(load_config(cfg), quiet=True)
+    assert summary.ok and len(summary.ran) == 4
+    records = {r["variant_short"]: r for r in read_records(tmp_path / "out")}
+    assert set(records) == {"exact", "fna:landmarks=stride,m=8,pinv=ridge",
+                            "fna:landmarks=fps,m=8,pinv=ridge (sees the future)", "mask:tokens=first"}
+    assert records["fna:landmarks=stride,m=8,pinv=ridge"]["causal"] == {"leaks_future": False}
+    assert records["fna:landmarks=fps,m=8,pinv=ridge (sees the future)"]["causal"] == {"leaks_future": True}
+    exact = records["exact"]
+    assert set(exact["metrics"]) == {f"{p}err_k{k}" for p in ("", "misdirected_") for k in (1, 2, 3)}
+    assert exact["flops"]["per"] == "trace" and exact["flops"]["attention"] > 0
+    assert exact["metrics"] != records["fna:landmarks=stride,m=8,pinv=ridge"]["metrics"]
+    # the trained model is cached by config hash: a second sweep trains nothing and repeats the numbers
+    again = run_sweep(load_config(cfg), quiet=True)
+    assert again.ran == [] and len(again.skipped) == 4

@@ -48,10 +48,10 @@ def test_values_are_normalised():
     "spec, fragment",
     [
         ("fnaa:m=3", "accepted: exact, fna, mask, null, nystrom"),
-        ("fna:mm=3", "accepted: exclude, features"),
+        ("fna:mm=3", "accepted: cache, exclude, features"),
         ("fna:m=0", "accepted: an integer >= 1"),
         ("fna:m", "needs a value"),
-        ("fna:landmarks=kmeans", "accepted: fps | random | norm"),
+        ("fna:landmarks=kmeans", "accepted: fps | random | norm | stride"),
         ("fna:layers=a:b", "accepted: a slice"),
         ("fna:m=4,m=5", "given twice"),
         ("fna+nystrom", "at most one of"),

@@ -58,11 +58,16 @@ class SweepConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def canonical_variants(self) -> list[str]:
-        """Variant specs in canonical form, exact first (speed ratios need it), duplicates removed."""
+    def canonical_variants(self, *, causal: bool = False) -> list[str]:
+        """Variant specs in canonical form, exact first (speed ratios need it), duplicates removed.
+
+        With ``causal``, each in the form it runs in a decoder (Variant.for_causal): resolved from the
+        spec as written, so a selector the spec names stays, and one it leaves out becomes causal-safe.
+        """
         out: list[str] = []
         for spec in self.variants:
-            canon = parse_variant(expand_variant(spec)).canonical
+            variant = parse_variant(expand_variant(spec))
+            canon = (variant.for_causal() if causal else variant).canonical
             if canon not in out:
                 out.append(canon)
         exact = parse_variant("exact").canonical

@@ -295,8 +295,10 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
     metric_headers = [m + arrow(m) for m in metrics]
     if se_header:
         metric_headers.insert(1, se_header)
+    pers = {(r.get("flops") or {}).get("per", "image") for r in recs if r["status"] == "ok"}
+    rate = IMAGES_HEADER if pers <= {"image"} else f"{pers.pop()}s/s" if len(pers) == 1 else "items/s"
     headers = ["model", "variant", *metric_headers, GFLOPS_HEADER, ATTN_GFLOPS_HEADER,
-               f"Δ {primary} vs exact" if primary else "Δ vs exact", SPEEDUP_HEADER, IMAGES_HEADER, PARETO_HEADER]
+               f"Δ {primary} vs exact" if primary else "Δ vs exact", SPEEDUP_HEADER, rate, PARETO_HEADER]
     if any_failed:
         headers.append("error")
     table = Table(task=task, primary=primary, higher_is_better=higher, metrics=metrics, headers=headers, rows=[])

@@ -91,6 +91,10 @@ for _hf in ("hf-clip", "hf-siglip", "hf-dinov2"):
     MODELS.register(f"tiny:{_hf}", "fnabench.adapters.transformers:load_tiny",
                     f"random-init small transformers {_hf[3:]}")
 
+MODELS.register("recall", "fnabench.tasks.recall_task:load_model",
+                "recall:<preset-or-run>[@seedN] — a trained recall GPT-2 (a preset is trained once, then cached)")
+TASKS.register("recall", "fnabench.tasks.recall_task:make_task",
+               "recall:<probes>|all — recall (k=1) and continuation (k=2, 3) error of a recall GPT-2")
 TASKS.register("fidelity", "fnabench.tasks.fidelity:make_task",
                "fidelity:images|synthetic — feature error vs exact attention, no labels needed")
 TASKS.register("knn", "fnabench.tasks.probe:make_knn_task",
@@ -105,6 +109,15 @@ VARIANTS.register("paper-clip-l14-m64", lambda: "fna:m=64,layers=-11:",
                   "FNA as released for CLIP ViT-L/14: m=64 on the last 11 of 24 blocks")
 VARIANTS.register("paper-clip-l14-m32", lambda: "fna:m=32,layers=-11:",
                   "FNA m=32 on the last 11 of 24 blocks")
+
+
+#: model families whose attention is causal: variants on them resolve to their causal form (Variant.for_causal)
+CAUSAL_MODELS = ("recall",)
+
+
+def is_causal_model(name: str) -> bool:
+    """Whether the model ``name`` is a decoder, known from its registry prefix without loading it."""
+    return name.partition(":")[0] in CAUSAL_MODELS
 
 
 def load_model(name: str, *, image_size: int | None = None):

@@ -28,7 +28,7 @@ from ..variants import SpecError, Variant, parse_variant
 from . import records as rec
 from .config import ConfigError, SweepConfig
 from .leaderboard import EXACT_REFERENCE, paired_speedup
-from .registry import load_model, make_task
+from .registry import is_causal_model, load_model, make_task
 
 
 @dataclass
@@ -54,8 +54,8 @@ class SweepSummary:
 def cells(config: SweepConfig) -> list[rec.Cell]:
     """The grid in run order: grouped by model and image size so each model loads once."""
     out = []
-    variants = config.canonical_variants()
     for model in config.models:
+        variants = config.canonical_variants(causal=is_causal_model(model))  # decoders: causal-safe defaults
         for size in config.image_sizes:
             for task in config.tasks:
                 for seed in config.seeds:
@@ -86,12 +86,22 @@ def _base_record(cell: rec.Cell, started: str, t0: float, env: dict) -> dict:
     variant = parse_variant(cell.variant)
     return {
         "schema": rec.SCHEMA_VERSION, "id": cell.id, "status": "ok", "model": cell.model,
-        "variant": cell.variant, "variant_short": variant.short, "task": cell.task,
+        "variant": cell.variant, "variant_short": _short(variant, cell.model), "task": cell.task,
+        **({"causal": {"leaks_future": variant.leaks_future}} if is_causal_model(cell.model) else {}),
         "settings": dict(cell.settings), "metrics": {}, "primary_metric": None, "higher_is_better": {},
         "flops": None, "timing": None, "peak_memory_bytes": None, "environment": env,
         "seed": cell.setting("seed", 0), "started": started, "finished": rec.now(),
         "duration_s": round(time.perf_counter() - t0, 3), "error": None,
     }
+
+
+def _short(variant: Variant, model: str) -> str:
+    """The table's name for a variant; in a decoder a whole-sequence selector is named and flagged."""
+    if not (is_causal_model(model) and variant.leaks_future):
+        return variant.short
+    landmarks = f"landmarks={variant.core['landmarks']}"
+    short = variant.short if landmarks in variant.short else variant.short.replace("fna:", f"fna:{landmarks},", 1)
+    return short + " (sees the future)"
 
 
 class Runner:
@@ -152,7 +162,8 @@ class Runner:
             except Exception as err:  # recorded in the cells of this group
                 out[(model_name, size)] = err
                 continue
-            _check_input_size(loaded, model_name, self.config.torch_dtype)
+            if loaded.image_size is not None:  # an image model: can it take the sweep's size?
+                _check_input_size(loaded, model_name, self.config.torch_dtype)
             for variant in sorted({c.variant for c in group}):
                 try:
                     patch(loaded.model, variant).remove()
@@ -223,7 +234,7 @@ class Runner:
         batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
         timing, memory = self._time(cell, loaded, variant, batch, settings)
         with patch(loaded.model, variant):
-            flops = self._count(cell, loaded, batch[:1])
+            flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"))
             torch.manual_seed(settings.seed)
             metrics = task.evaluate(loaded, data, settings)
         record = _base_record(cell, started, t0, env)
@@ -235,13 +246,13 @@ class Runner:
         record["duration_s"] = round(time.perf_counter() - t0, 3)
         return record
 
-    def _count(self, cell: rec.Cell, loaded, one: torch.Tensor) -> dict:
+    def _count(self, cell: rec.Cell, loaded, one: torch.Tensor, per: str = "image") -> dict:
         key = (cell.model, cell.variant, tuple(one.shape), str(one.dtype))
         if key not in self._flops:
             counted = count_flops(loaded.embed, one)
             self._flops[key] = {"total": counted.total, "attention": counted.attention,
                                 "gflops": counted.total / 1e9, "attention_gflops": counted.attention / 1e9,
-                                "input_shape": list(one.shape), "per": "image"}
+                                "input_shape": list(one.shape), "per": per}
         return self._flops[key]
 
     def _retime_cell(self, old: dict, cell: rec.Cell, loaded, task, data, settings: Settings, env: dict) -> dict:

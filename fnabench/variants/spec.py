@@ -185,7 +185,7 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "cache": _CACHE,
     },
     "mask": {
-        "tokens": _choice("artifact", "massive", "all"),
+        "tokens": _choice("artifact", "massive", "all", "first"),
         "action": _choice("keys", "values"),
         "layers": _LAYERS,
         "tower": _TOWER,

@@ -247,7 +247,10 @@ class Variant:
     def _apply_mask(self, v: torch.Tensor, state: ForwardState, causal: bool = False):
         mask = self.mask
         assert mask is not None
-        if state.masked is None or mask["detect"] == "each":
+        if mask["tokens"] == "first":  # the usual attention sink, by position: no detection, causal-safe
+            state.masked = torch.zeros(v.shape[0], v.shape[2], dtype=torch.bool, device=v.device)
+            state.masked[:, 0] = True
+        elif state.masked is None or mask["detect"] == "each":
             if state.residual is None:
                 raise ValueError("mask needs the residual stream, but the adapter gave none")
             massive, artifact = detect_tokens(state.residual, num_prefix=state.num_prefix,
