@@ -1,5 +1,6 @@
 """Prefill speed of causal FNA vs exact attention in a tiny random Llama at a long context, and the
-KV cache each leaves for decoding; both timed in one process, in alternating rounds.
+KV cache each leaves for decoding with the counted FLOPs of one decoding step on it; prefill timed
+in one process, in alternating rounds.
 
     python benchmarks/causal_prefill.py --tokens 4096 --m 64 --rounds 5
 
@@ -10,6 +11,7 @@ Amdahl bound from the counted share of attention in the whole forward.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 
@@ -65,14 +67,23 @@ def main() -> None:
     share = flops["exact"].attention / flops["exact"].total
     attn_ratio = flops["exact"].attention / flops["fna"].attention
     amdahl = 1 / ((1 - share) + share / attn_ratio)
-    caches = {name: cache_bytes(prefill(spec).past_key_values) for name, spec in specs.items()}
+    cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    caches, steps = {}, {}
+    for name, spec in specs.items():  # the cache each prefill leaves, and one decoding step on it
+        out = prefill(spec)
+        cache = getattr(out, cache_kw)
+        caches[name] = cache_bytes(cache)
+        with torch.no_grad(), fnabench.patch(lm, spec):
+            steps[name] = count_flops(lambda x, c=cache: lm(x, use_cache=True, **{cache_kw: c}).logits,
+                                      out.logits[:, -1:].argmax(-1))
     print(f"device {args.device}, {torch.get_num_threads()} threads, Llama {args.layers}x{args.hidden} "
           f"({args.heads} heads, {args.kv_heads} kv), {args.tokens} tokens, FNA m={args.m}, {args.rounds} rounds")
     for name in specs:
         print(f"  {name:5s} prefill median {statistics.median(times[name]):.3f} s  "
               f"(rounds {', '.join(f'{t:.3f}' for t in times[name])}); "
               f"GFLOPs {flops[name].total / 1e9:.2f} (attention {flops[name].attention / 1e9:.2f}); "
-              f"KV cache {caches[name] / 2**20:.2f} MiB")
+              f"KV cache {caches[name] / 2**20:.2f} MiB; decode step GFLOPs {steps[name].total / 1e9:.4f} "
+              f"(attention {steps[name].attention / 1e9:.4f})")
     print(f"  speed-up exact/fna: median {statistics.median(ratios):.2f}x "
           f"(rounds {min(ratios):.2f}-{max(ratios):.2f}); "
           f"attention FLOP ratio {attn_ratio:.1f}x; Amdahl bound {amdahl:.2f}x (attention {share:.0%} of FLOPs)")

@@ -52,6 +52,10 @@ BAD_CONFIGS = [
     ("unknown device", 'device = "tpu"', "unknown device 'tpu'; accepted: cpu, cuda, cuda:N"),
     ("zero repeats", "timing_repeats = 0", "timing_repeats must be an integer >= 1"),
     ("invalid TOML", 'models = ["tiny:vit"', "invalid TOML"),
+    ("bad recall seed", 'models = ["recall:smoke@seedX"]\ntasks = ["recall:none"]', "bad seed 'seedX'"),
+    ("unknown recall preset", 'models = ["recall:nope"]\ntasks = ["recall:none"]',
+     "neither a run folder nor a preset"),
+    ("unknown table metric", 'table_metrics = ["top1", 3]', "'table_metrics': 3 is not a str"),
 ]
 
 

@@ -263,6 +263,7 @@ def test_recall_gpt2_patches_like_any_decoder():
 
 def test_recall_cells_run_causal_variants_and_say_which_see_the_future(tmp_path, monkeypatch):
     from fnabench.harness.config import load as load_config
+    from fnabench.harness.leaderboard import render
     from fnabench.harness.records import read_records
     from fnabench.harness.runner import run_sweep
 
@@ -287,6 +288,17 @@ out = "{tmp_path / 'out'}"
     assert set(exact["metrics"]) == {f"{p}err_k{k}" for p in ("", "misdirected_") for k in (1, 2, 3)}
     assert exact["flops"]["per"] == "trace" and exact["flops"]["attention"] > 0
     assert exact["metrics"] != records["fna:landmarks=stride,m=8,pinv=ridge"]["metrics"]
+    # what decoding would keep: the full cache for exact and masking, the landmark cache for FNA
+    fna = records["fna:landmarks=stride,m=8,pinv=ridge"]
+    assert exact["kv_cache"]["bytes"] == exact["kv_cache"]["full_bytes"] > 0
+    assert records["mask:tokens=first"]["kv_cache"]["bytes"] == exact["kv_cache"]["full_bytes"]
+    n = exact["kv_cache"]["prefill_tokens"]
+    assert n > 8 and fna["kv_cache"]["full_bytes"] == exact["kv_cache"]["full_bytes"]
+    assert fna["kv_cache"]["bytes"] < exact["kv_cache"]["bytes"]
+    assert 0 < fna["kv_cache"]["decode_attention_gflops"] < exact["kv_cache"]["decode_attention_gflops"]
+    table = render(read_records(tmp_path / "out"))
+    assert "KV cache % of full" in table and "decode-step GFLOPs" in table
+    assert "kv_cache_percent" in render(read_records(tmp_path / "out"), "csv").splitlines()[0]
     # the trained model is cached by config hash: a second sweep trains nothing and repeats the numbers
     again = run_sweep(load_config(cfg), quiet=True)
     assert again.ran == [] and len(again.skipped) == 4

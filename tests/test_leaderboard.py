@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fnabench._errors import UserError
 from fnabench.harness import records as rec_io
 from fnabench.harness.config import ConfigError, from_dict
 from fnabench.harness.leaderboard import (
@@ -346,6 +347,24 @@ def test_publish_puts_the_configs_description_under_the_title(tmp_path, monkeypa
     assert "each timed in its own cell" in readme  # hand-built records carry no paired timing
     with pytest.raises(ConfigError, match="'description' = 3 is a int; accepted: a string"):
         from_dict({"models": ["tiny:vit"], "tasks": ["fidelity:images"], "description": 3})
+
+
+def test_table_metrics_narrow_the_readme_table_and_keep_every_metric_a_click_away(tmp_path, monkeypatch):
+    from fnabench.harness import publish as pub
+
+    monkeypatch.setattr(pub, "plot", lambda records, stem: [])
+    results = _results(tmp_path)
+    (results / "sweep.toml").write_text('models = ["timm:vit_small"]\ntable_metrics = ["rel_err"]\n')
+    readme = (publish(results, tmp_path / "lb") / "README.md").read_text()
+    shown, _, hidden = readme.partition("<details><summary>All 4 metrics</summary>")
+    assert hidden and "</details>" in hidden
+    assert "top5" not in shown and "cosine" not in shown and "top1 ↑" in shown and "rel_err" in shown
+    assert "top5 ↑" in hidden and "cosine ↑" in hidden
+    records = rec_io.read_records(results)
+    with pytest.raises(UserError, match=r"table metric.*'top9' in no record; accepted: cosine, rel_err, top1, top5"):
+        render(records, metrics=["top9"])
+    failed = [{**r, "status": "failed", "metrics": {}, "error": "boom"} for r in records]
+    assert "boom" in render(failed, metrics=["top9"])  # an all-failed sweep still prints its failures
 
 
 def test_publish_drops_stale_files_and_notes_missing_matplotlib(tmp_path, monkeypatch):

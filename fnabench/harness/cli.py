@@ -53,6 +53,7 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--format", default="github", choices=FORMATS, help="table format")
     p.add_argument("--plot", metavar="STEM", help="also write STEM.png and STEM.svg (accuracy vs GFLOPs)")
     p.add_argument("-o", "--output", help="write the table to this file instead of stdout")
+    p.add_argument("--metrics", metavar="A,B", help="metric columns to show (the primary always), e.g. err_k1,err_k2")
 
     p = sub.add_parser("publish", help="write a leaderboard folder: table, plot, config and records")
     p.add_argument("results")
@@ -111,7 +112,7 @@ def cmd_run(args) -> int:
                           device=args.device, dtype=args.dtype, seeds=args.seeds,
                           timing_repeats=args.timing_repeats, offline=args.offline)
     summary = Runner(config, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr), retime=args.retime).run()
-    print(render(require_records(summary.out), args.format))
+    print(render(require_records(summary.out), args.format, metrics=config.table_metrics))
     print(summary.line())
     return EXIT_OK if summary.ok else EXIT_FOUND
 
@@ -122,7 +123,8 @@ def cmd_leaderboard(args) -> int:
     output = output_path(args.output, "--output") if args.output else None
     stem = output_path(args.plot, "--plot") if args.plot else None
     records = require_records(args.results)
-    text = render(records, args.format)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    text = render(records, args.format, metrics=metrics)
     if output:
         output.write_text(text + "\n")
     else:

@@ -52,6 +52,8 @@ class SweepConfig:
     offline: bool = True
     out: str | None = None
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: metric columns the printed and published tables show (the primary always); records keep every metric
+    table_metrics: list[str] | None = None
     source: str | None = None  # where the config came from (for records and publish)
 
     @property
@@ -111,7 +113,8 @@ def from_dict(data: dict[str, Any], source: str | None = None) -> SweepConfig:
             raise ConfigError(f"{where}unknown config key {key!r}; accepted: {', '.join(sorted(_KEYS))}")
         values[target] = value
     try:
-        for key, kind in (("models", str), ("variants", str), ("tasks", str), ("seeds", int), ("image_sizes", int)):
+        for key, kind in (("models", str), ("variants", str), ("tasks", str), ("seeds", int), ("image_sizes", int),
+                          ("table_metrics", str)):
             if key in values:
                 values[key] = _as_list(key, values[key], kind)
     except ConfigError as err:

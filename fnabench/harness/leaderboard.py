@@ -39,6 +39,8 @@ ATTN_GFLOPS_HEADER = "attn GFLOPs (2×MAC)"
 SPEEDUP_HEADER = "speed-up vs exact"
 IMAGES_HEADER = "images/s"
 PARETO_HEADER = "Pareto"
+KV_HEADER = "KV cache % of full"
+DECODE_HEADER = "decode-step GFLOPs"
 #: settings that, when they differ between rows of one task, are added to the model label
 _LABEL_SETTINGS = ("dtype", "device", "batch_size", "limit", "seed")
 #: settings a variant must share with its exact reference (everything in a cell's identity but the variant)
@@ -297,7 +299,9 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
         metric_headers.insert(1, se_header)
     pers = {(r.get("flops") or {}).get("per", "image") for r in recs if r["status"] == "ok"}
     rate = IMAGES_HEADER if pers <= {"image"} else f"{pers.pop()}s/s" if len(pers) == 1 else "items/s"
-    headers = ["model", "variant", *metric_headers, GFLOPS_HEADER, ATTN_GFLOPS_HEADER,
+    has_kv = any(r.get("kv_cache") for r in recs if r["status"] == "ok")  # decoders: what decoding keeps
+    kv_headers = [KV_HEADER, DECODE_HEADER] if has_kv else []
+    headers = ["model", "variant", *metric_headers, GFLOPS_HEADER, ATTN_GFLOPS_HEADER, *kv_headers,
                f"Δ {primary} vs exact" if primary else "Δ vs exact", SPEEDUP_HEADER, rate, PARETO_HEADER]
     if any_failed:
         headers.append("error")
@@ -322,18 +326,21 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
             "images_per_s": ips, "median_s": _median(r), "pareto": on_front, "exact": exact_row,
             "error": None if ok else _first_line(r["error"]),
             "items": dict(r.get("items") or {}) if ok else {}, "se": standard_error(r, primary) if ok else None,
+            **_kv_values(r if ok else {}),
         }
         if ok:
             cells = [fmt_number(raw["metrics"][m]) for m in metrics]
             if se_header:
                 cells.insert(1, fmt_number(raw["se"]))
-            cells += [fmt_number(raw["gflops"]), fmt_number(raw["attention_gflops"]),
-                      "ref" if exact_row else fmt_number(delta, sign=True),
+            cells += [fmt_number(raw["gflops"]), fmt_number(raw["attention_gflops"])]
+            if has_kv:
+                cells += [fmt_number(raw["kv_percent"]), fmt_number(raw["decode_gflops"])]
+            cells += ["ref" if exact_row else fmt_number(delta, sign=True),
                       "ref" if exact_row else (f"{spd:.2f}×" if spd is not None else MISSING),
                       fmt_number(ips), PARETO_MARK if on_front else ""]
         else:
             cells = ["failed", *([""] * (len(metrics) - 1 + bool(se_header)))] if metrics else []
-            cells += [""] * 6
+            cells += [""] * (6 + len(kv_headers))
         row = [raw["model"], r["variant_short"], *cells]
         if any_failed:
             row.append("" if ok else raw["error"])
@@ -349,6 +356,14 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
     return table
 
 
+def _kv_values(rec: dict) -> dict:
+    """A decoder record's KV cache after prefill (bytes, % of the full cache) and decode-step FLOPs."""
+    kv = rec.get("kv_cache") or {}
+    full = kv.get("full_bytes")
+    return {"kv_cache_bytes": kv.get("bytes"), "kv_percent": 100 * kv["bytes"] / full if full else None,
+            "decode_gflops": kv.get("decode_gflops")}
+
+
 def build_tables(records: Iterable[dict], *, metrics: Iterable[str] | None = None) -> list[Table]:
     """One :class:`Table` per task (sorted by task name) from the latest record of every cell.
 
@@ -359,6 +374,12 @@ def build_tables(records: Iterable[dict], *, metrics: Iterable[str] | None = Non
     for r in latest:
         by_task.setdefault(r["task"], []).append(r)
     wanted = set(metrics) if metrics is not None else None
+    if wanted is not None:
+        known = {m for r in latest for m in r["metrics"]}
+        unknown = sorted(wanted - known)
+        if unknown and known:  # (when no record has metrics, e.g. all failed, the table shows the failures)
+            raise UserError(f"table metric(s) {', '.join(map(repr, unknown))} in no record; accepted: "
+                            f"{', '.join(sorted(known)) or 'none (no record has metrics)'}")
     return [_build_table(task, by_task[task], wanted) for task in sorted(by_task)]
 
 
@@ -387,6 +408,10 @@ def _csv(tables: list[Table]) -> str:
     headers = ["task", "primary_metric", "higher_is_better", "model", "image_size", "variant", "variant_spec",
                "status", *metric_cols, "primary_se", "n_test", "gflops", "attention_gflops", "delta_primary_vs_exact",
                "speedup_vs_exact", "images_per_s", "median_s", "pareto", "error"]
+    has_kv = any(v.get("kv_cache_bytes") is not None for t in tables for v in t.values)
+    if has_kv:
+        at = headers.index("delta_primary_vs_exact")
+        headers[at:at] = ["kv_cache_bytes", "kv_cache_percent", "decode_gflops"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(headers)
@@ -402,6 +427,8 @@ def _csv(tables: list[Table]) -> str:
                              v["variant"], v["variant_spec"], v["status"],
                              *(cell(v["metrics"].get(m)) for m in metric_cols), cell(v["se"]),
                              cell(v["items"].get("test")), cell(v["gflops"]), cell(v["attention_gflops"]),
+                             *((cell(v["kv_cache_bytes"]), cell(v["kv_percent"]), cell(v["decode_gflops"]))
+                               if has_kv else ()),
                              cell(v["delta"]), cell(v["speedup"]), cell(v["images_per_s"]),
                              cell(v["median_s"]), v["pareto"], cell(v["error"])])
     return buf.getvalue()

@@ -75,13 +75,26 @@ def _environment_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def _description(config_file: Path) -> str:
-    """The sweep config's ``description`` (Markdown), or "" when it has none or does not parse."""
+def _config_value(config_file: Path, key: str) -> object:
+    """The sweep config's ``key``, or None when it has none or does not parse."""
     try:
-        value = tomllib.loads(config_file.read_text()).get("description", "")
+        return tomllib.loads(config_file.read_text()).get(key)
     except (OSError, tomllib.TOMLDecodeError):
-        return ""
+        return None
+
+
+def _description(config_file: Path) -> str:
+    """The sweep config's ``description`` (Markdown), or "" when it has none."""
+    value = _config_value(config_file, "description")
     return value.strip() if isinstance(value, str) else ""
+
+
+def _table_metrics(config_file: Path) -> list[str] | None:
+    """The sweep config's ``table_metrics`` (the columns the README's table shows), None for all."""
+    value = _config_value(config_file, "table_metrics")
+    if isinstance(value, str):
+        value = [value]
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 
 def _flat_gflops(records: list[dict]) -> bool:
@@ -180,7 +193,12 @@ def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
         lines += [f"![accuracy vs GFLOPs]({PLOT_STEM}.png)", ""]
     elif plot_note:
         lines += [f"_{plot_note}_", ""]
-    lines.append(render(records, "github").rstrip("\n"))
+    shown = _table_metrics(target) if has_config else None
+    lines.append(render(records, "github", metrics=shown).rstrip("\n"))
+    if shown is not None:  # the narrowed table first, every metric a click away
+        names = {m for r in records for m in r["metrics"]}
+        lines += ["", f"<details><summary>All {len(names)} metrics</summary>", "",
+                  render(records, "github").rstrip("\n"), "", "</details>"]
     lines += ["", "## How it was made", ""]
     if command:
         lines.append(f"- command: `{command}`")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..adapters import UnsupportedModelError, patch
+from ..adapters.kv_cache import cache_bytes
 from ..adapters.loading import ModelInputError, set_offline
 from ..measure import count_flops, measure_interleaved, peak_memory
 from ..tasks.base import Settings
@@ -242,6 +243,8 @@ class Runner:
                       higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
                       peak_memory_bytes=int(memory), image_size=loaded.image_size)
         record.update(_items(task, data, metrics))
+        if loaded.extra.get("decoder") is not None:
+            record["kv_cache"] = self._kv_cache(cell, loaded, variant, batch[:1])
         record["finished"] = rec.now()
         record["duration_s"] = round(time.perf_counter() - t0, 3)
         return record
@@ -254,6 +257,25 @@ class Runner:
                                 "gflops": counted.total / 1e9, "attention_gflops": counted.attention / 1e9,
                                 "input_shape": list(one.shape), "per": per}
         return self._flops[key]
+
+    def _kv_cache(self, cell: rec.Cell, loaded, variant: Variant, one: torch.Tensor) -> dict:
+        """What a decoder keeps after a prefill of ``one`` minus its last token, against the full cache
+        exact attention keeps, and the counted FLOPs of decoding that last token on it."""
+        decoder = loaded.extra["decoder"]
+
+        def measure(spec: Variant) -> dict:
+            key = ("kv", cell.model, spec.canonical, tuple(one.shape), str(one.dtype))
+            if key not in self._flops:
+                with patch(loaded.model, spec):
+                    cache = decoder.prefill(one[:, :-1])
+                    size = cache_bytes(cache)
+                    step = count_flops(decoder.step, one[:, -1:], cache)
+                self._flops[key] = {"bytes": size, "decode_gflops": step.total / 1e9,
+                                    "decode_attention_gflops": step.attention / 1e9}
+            return self._flops[key]
+
+        own, full = measure(variant), measure(parse_variant(EXACT_REFERENCE))
+        return {**own, "full_bytes": full["bytes"], "prefill_tokens": int(one.shape[1]) - 1}
 
     def _retime_cell(self, old: dict, cell: rec.Cell, loaded, task, data, settings: Settings, env: dict) -> dict:
         """``old`` with latency and memory measured again now; metrics, FLOPs and identity unchanged.

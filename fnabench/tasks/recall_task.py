@@ -10,6 +10,7 @@ medians over traces then over haystack examples, under whatever variant is patch
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters.loading import LoadedModel
+from ..adapters.loading import LoadedModel, ModelInputError
 from .base import Option, Settings, TaskError, check_options, positive_int
 
 KS = (1, 2, 3)
@@ -45,7 +46,7 @@ def _parse(spec: str) -> tuple[str, int | None]:
     if not seed:
         return name, None
     if not (seed.startswith("seed") and seed[4:].isdigit()):
-        raise TaskError(f"recall:{spec}: bad seed {seed!r}; accepted: recall:<preset-or-run>@seedN, "
+        raise ModelInputError(f"recall:{spec}: bad seed {seed!r}; accepted: recall:<preset-or-run>@seedN, "
                         "e.g. recall:cpu@seed1")
     return name, int(seed[4:])
 
@@ -63,7 +64,7 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
     elif name in PRESETS:
         folder, config = run_folder(name, 0 if seed is None else seed)
     else:
-        raise TaskError(f"recall:{spec}: neither a run folder nor a preset; accepted: a folder made by "
+        raise ModelInputError(f"recall:{spec}: neither a run folder nor a preset; accepted: a folder made by "
                         f"'fnabench recall train', or one of {', '.join(PRESETS)} (optionally @seedN)")
     checkpoints = rundir.list_checkpoints(folder)
     if not checkpoints or checkpoints[-1][0] < config.train.steps:
@@ -75,7 +76,29 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
     model, counters = load_checkpoint(config, checkpoints[-1][1])
     label = f"recall:{name}@seed{config.train.seed}" if not Path(name).is_dir() else f"recall:{name}"
     return LoadedModel(label, model, preprocess=lambda x: x, embed=model, image_size=None, family="recall",
-                       extra={"config": config, "run_dir": str(folder), "step": counters["step"]})
+                       extra={"config": config, "run_dir": str(folder), "step": counters["step"],
+                              "decoder": _Decoder(model)})
+
+
+@dataclass
+class _Decoder:
+    """Prefill and one decoding step of the recall GPT-2 through its KV cache (for the runner's cache
+    size and per-step FLOPs: the task itself predicts every position in one causal pass)."""
+
+    model: Any
+
+    def prefill(self, tokens: torch.Tensor) -> Any:
+        """The KV cache a prefill of ``tokens`` [B, T, dim] leaves (compressed if the variant says so)."""
+        with torch.no_grad():
+            out = self.model.backbone(inputs_embeds=self.model.read_in(tokens), use_cache=True)
+        return out.cache if hasattr(out, "cache") else out.past_key_values  # transformers ≥ 5.2x: ``cache``
+
+    def step(self, token: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The next-state prediction for one more token [B, 1, dim] decoded on ``cache``."""
+        backbone = self.model.backbone
+        name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+        hidden = backbone(inputs_embeds=self.model.read_in(token), use_cache=True, **{name: cache}).last_hidden_state
+        return self.model.read_out(hidden)
 
 
 OPTIONS = {
