@@ -62,12 +62,34 @@ def _pinv_formula(a_shape, *args, out_shape=None, **kwargs) -> int:
     return _svd_formula(a_shape) + count * 2 * rows * cols * min(rows, cols)
 
 
+def _batch(*shapes: tuple, core: int = 2) -> int:
+    """Matrices in a broadcast batch: the product of the broadcast leading dimensions."""
+    count = 1
+    for b in torch.broadcast_shapes(*(tuple(s[:-core]) for s in shapes)):
+        count *= b
+    return count
+
+
+def _solve_formula(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """LU solve of A·X = B: factorisation 2/3·m³ plus two triangular solves 2·m²·k, per matrix."""
+    m = a_shape[-1]
+    if len(b_shape) == len(a_shape) - 1:  # torch's rule: then B is a (batch of) vector(s)
+        b_shape = (*b_shape, 1)
+    return _batch(a_shape, b_shape) * (2 * m**3 // 3 + 2 * m * m * b_shape[-1])
+
+
+def _triangular_formula(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Triangular solve of A·X = B (A m×m, B m×k): m²·k FLOPs (m²/2 multiply-adds per column)."""
+    return _batch(a_shape, b_shape) * a_shape[-1] * a_shape[-1] * b_shape[-1]
+
+
 def _extra_formulas() -> dict:
     extra = {}
     cpu_sdpa = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None and cpu_sdpa not in _fc.flop_registry:
         extra[cpu_sdpa] = _fc.shape_wrapper(_sdpa_formula)
-    for op_name, formula in (("_linalg_svd", _svd_formula), ("linalg_pinv", _pinv_formula)):
+    for op_name, formula in (("_linalg_svd", _svd_formula), ("linalg_pinv", _pinv_formula),
+                             ("_linalg_solve_ex", _solve_formula), ("linalg_solve_triangular", _triangular_formula)):
         op = getattr(_aten, op_name, None)
         if op is not None and op not in _fc.flop_registry:
             extra[op] = _fc.shape_wrapper(formula)

@@ -97,6 +97,16 @@ def test_exact_pinv_is_counted():
     assert counted.by_op["linalg_pinv"] == 12 * 2 * 23 * 16**3
 
 
+def test_linear_solves_are_counted():
+    """LU solves (2/3·m³ + 2·m²·k) and triangular solves (m²·k), which the upstream counter leaves at 0."""
+    a, rhs = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 5)
+    assert fnabench.count_flops(torch.linalg.solve, a, rhs).total == 6 * (2 * 8**3 // 3 + 2 * 8 * 8 * 5)
+    assert fnabench.count_flops(torch.linalg.solve, a, rhs[..., 0]).total == 6 * (2 * 8**3 // 3 + 2 * 8 * 8)
+    triangular = fnabench.count_flops(lambda x, y: torch.linalg.solve_triangular(x, y, upper=False), a.tril(), rhs)
+    assert triangular.total == 6 * 8 * 8 * 5
+    assert fnabench.count_flops(torch.linalg.solve, a[0, 0], rhs).total == 6 * (2 * 8**3 // 3 + 2 * 8 * 8 * 5)
+
+
 def test_cpu_sdpa_and_mha_fast_path_counted():
     q = torch.randn(2, 4, 16, 32)
     sdpa = fnabench.count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
