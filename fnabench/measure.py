@@ -130,10 +130,13 @@ class _Counter(TorchDispatchMode):
         self.attention = 0
         self.by_op: dict[str, int] = defaultdict(int)
         self._ranges: list[bool] = []  # open profiler ranges (LIFO): is each one ours?
+        self.paused = False  # while a count aside runs (count_flops_aside)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.paused:
+            return out
         packet = func._overloadpacket
         name = packet.__name__
         if name == "_record_function_enter_new":
@@ -185,9 +188,29 @@ def _no_mha_fastpath():
 def count_flops(model: Callable, *inputs, **kwargs) -> FlopCount:
     """Run ``model(*inputs, **kwargs)`` once without grad and count its FLOPs (2 × multiply-adds)."""
     counter = _Counter()
-    with torch.no_grad(), _no_mha_fastpath(), counter, _SdpaAsAttention(counter):
-        model(*inputs, **kwargs)
+    _RUNNING.append(counter)
+    try:
+        with torch.no_grad(), _no_mha_fastpath(), counter, _SdpaAsAttention(counter):
+            model(*inputs, **kwargs)
+    finally:
+        _RUNNING.remove(counter)
     return FlopCount(counter.total, counter.attention, dict(counter.by_op))
+
+
+_RUNNING: list[_Counter] = []  # counts in progress, outermost first
+
+
+def count_flops_aside(model: Callable, *inputs, **kwargs) -> FlopCount:
+    """:func:`count_flops`, unseen by any count already running: for a side computation such as a cost
+    model evaluated on meta tensors in the middle of a counted forward (``fallback=auto``)."""
+    outer = [c for c in _RUNNING if not c.paused]
+    for c in outer:
+        c.paused = True
+    try:
+        return count_flops(model, *inputs, **kwargs)
+    finally:
+        for c in outer:
+            c.paused = False
 
 
 # ---------------------------------------------------------------------------------------------

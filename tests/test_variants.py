@@ -12,7 +12,7 @@ from fnabench.variants.exact import exact_attention, sdpa_attention
 from fnabench.variants.fna import fna_attention, nystrom_attention
 from fnabench.variants.mask import detect_tokens
 from fnabench.variants.nystrom import segment_mean_attention, segment_means
-from fnabench.variants.pinv import exact_pinv, newton_pinv
+from fnabench.variants.pinv import exact_pinv, newton_pinv, ridge_values
 
 
 def _qkv(b=2, h=3, n=40, d=16, dtype=torch.float64, scale=1.0):
@@ -120,6 +120,27 @@ def test_pinv_methods():
     assert rel_err(newton_pinv(a, 40), ref) < 1e-8
     assert rel_err(exact_pinv(a), ref) < 1e-12
     assert newton_pinv(a.half(), 6).dtype == torch.float32  # computed in at least fp32
+
+
+def test_ridge_solve_agrees_with_pinv_on_well_conditioned_a_and_is_exact_at_m_equal_n():
+    a = torch.softmax(torch.randn(3, 10, 10, dtype=torch.float64), -1)
+    bv, v_land = torch.randn(3, 10, 4, dtype=torch.float64), torch.randn(3, 10, 4, dtype=torch.float64)
+    assert rel_err(ridge_values(a, bv, v_land, 1e-10), torch.linalg.pinv(a) @ bv) < 1e-6
+    q, k, v = _qkv(n=30)
+    every = torch.arange(30)[None].expand(q.shape[0], -1)
+    for lam in (1e-3, 1.0, 10.0):  # every token a landmark: exact whatever λ
+        assert rel_err(fna_attention(q, k, v, every, pinv="ridge", ridge=lam), exact_attention(q, k, v)) < 1e-6
+        assert rel_err(segment_mean_attention(q, k, v, 30, pinv="ridge", ridge=lam), exact_attention(q, k, v)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ridge_stays_finite_in_half_precision_with_sinks(dtype):
+    _, q, k, v = _planted(factor=30.0, dtype=dtype)
+    idx = lm.farthest_point_sampling(q.mean(1).float(), 64)
+    out = fna_attention(q, k, v, idx, pinv="ridge")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out.float(), exact_attention(q.float(), k.float(), v.float())) < 1.0
+    assert torch.isfinite(segment_mean_attention(q, k, v, 32, pinv="ridge")).all()
 
 
 def test_fps_deterministic_guarantee_exclude_and_padding():
@@ -245,3 +266,29 @@ def test_fna_plus_mask_excludes_masked_tokens_from_landmarks():
     assert torch.isfinite(out).all()
     assert 11 not in state.landmarks[0].tolist()
     assert state.history[0][1][0, 11]  # recorded as an artifact token
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fallback_auto_runs_exact_exactly_where_counted_flops_say_the_approximation_costs_more(causal):
+    from fnabench.measure import count_flops
+
+    seen = set()
+    for n in (48, 96, 192, 384):
+        for spec in ("fna:m=32", "fna:m=32,pinv=ridge", "nystrom:m=32", "fna:m=16,landmarks=random"):
+            q, k, v = _qkv(b=1, h=2, n=n, d=16, dtype=torch.float32)
+            plain, auto = parse_variant(spec), parse_variant(spec + ",fallback=auto")
+            state = ForwardState("image", 1)
+
+            def cost(variant, state=state, q=q, k=k, v=v):
+                return count_flops(lambda: variant.attend(q, k, v, state, causal=causal)).attention
+
+            pays = cost(plain) < cost(parse_variant("exact"))
+            out = auto.attend(q, k, v, state, causal=causal)
+            assert state.approximated == {0: pays}, (n, spec)
+            ref = plain.attend(q, k, v, state, causal=causal) if pays else \
+                parse_variant("exact").attend(q, k, v, state, causal=causal)
+            assert torch.equal(out, ref), (n, spec)
+            assert cost(auto) == min(cost(plain), cost(parse_variant("exact")))  # the decision is free
+            seen.add(pays)
+    assert seen == {True, False}  # the grid crosses over
+    assert parse_variant("fna:m=32").canonical == parse_variant("fna:m=32,fallback=none").canonical

@@ -234,11 +234,14 @@ class Runner:
         variant = parse_variant(cell.variant)
         batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
         timing, memory = self._time(cell, loaded, variant, batch, settings)
-        with patch(loaded.model, variant):
+        with patch(loaded.model, variant) as handle:
             flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"))
             torch.manual_seed(settings.seed)
             metrics = task.evaluate(loaded, data, settings)
+            fallback = _fallback_layers(handle)
         record = _base_record(cell, started, t0, env)
+        if fallback is not None:
+            record["fallback"] = fallback
         record.update(metrics={k: float(v) for k, v in metrics.items()}, primary_metric=task.primary,
                       higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
                       peak_memory_bytes=int(memory), image_size=loaded.image_size)
@@ -330,6 +333,15 @@ class Runner:
         if record["status"] != "ok":
             self.log(f"cell failed: {record['model']} | {record['variant_short']} | {record['task']}: "
                      f"{record['error']}")
+
+
+def _fallback_layers(handle) -> dict | None:
+    """With ``fallback=auto``: per tower, the blocks the last forward approximated and those it ran exactly."""
+    if handle.variant.core.values.get("fallback") != "auto":
+        return None
+    return {tower: {"approximated": sorted(k for k, ran in state.approximated.items() if ran),
+                    "exact": sorted(k for k, ran in state.approximated.items() if not ran)}
+            for tower, state in handle.states.items() if state.approximated}
 
 
 def _items(task, data, metrics) -> dict:

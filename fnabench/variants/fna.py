@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .pinv import pseudo_inverse, work_dtype
+from .pinv import pseudo_inverse, ridge_values, work_dtype
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -43,6 +43,8 @@ def nystrom_core(
     pinv: str = "newton",
     pinv_iters: int = 6,
     rcond: float | None = None,
+    ridge: float = 1.0,
+    v_land: torch.Tensor | None = None,
     mask_land_land: torch.Tensor | None = None,
     mask_land_all: torch.Tensor | None = None,
     mask_all_land: torch.Tensor | None = None,
@@ -50,7 +52,8 @@ def nystrom_core(
     """softmax(s·Q K̃ᵀ) · pinv(softmax(s·Q̃ K̃ᵀ)) · softmax(s·Q̃ Kᵀ) V for given landmark queries/keys.
 
     Shared by FNA (sampled tokens) and Nyströmformer (segment means). Masks are bool, True = keep,
-    broadcastable to [B, H, m, m], [B, H, m, N] and [B, H, N, m].
+    broadcastable to [B, H, m, m], [B, H, m, N] and [B, H, N, m]. ``pinv='ridge'`` solves for Ṽ
+    (pinv.ridge_values) and needs the landmarks' own values ``v_land``.
     """
     wd = work_dtype(q.dtype)
     logits = (q_land.to(wd) @ k_land.to(wd).transpose(-1, -2)) * scale
@@ -58,9 +61,14 @@ def nystrom_core(
         logits = logits.masked_fill(~mask_land_land, float("-inf"))
     a = torch.softmax(logits, dim=-1)
     b = F.scaled_dot_product_attention(q_land, k, v, attn_mask=mask_land_all, scale=scale)
-    z = pseudo_inverse(a, pinv, pinv_iters, rcond)
-    v_land = _finite_cast(z @ b.to(wd), v.dtype)
-    return F.scaled_dot_product_attention(q, k_land, v_land, attn_mask=mask_all_land, scale=scale)
+    if pinv == "ridge":
+        if v_land is None:
+            raise ValueError("pinv='ridge' needs the landmarks' values v_land")
+        v_tilde = ridge_values(a, b, v_land, ridge)
+    else:
+        v_tilde = pseudo_inverse(a, pinv, pinv_iters, rcond) @ b.to(wd)
+    return F.scaled_dot_product_attention(q, k_land, _finite_cast(v_tilde, v.dtype), attn_mask=mask_all_land,
+                                          scale=scale)
 
 
 def fna_attention(
@@ -73,6 +81,7 @@ def fna_attention(
     pinv: str = "newton",
     pinv_iters: int = 6,
     rcond: float | None = None,
+    ridge: float = 1.0,
     key_masked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FNA with an optional key mask: ``key_masked`` [B, N] bool removes those tokens as keys
@@ -99,7 +108,7 @@ def fna_attention(
             "mask_all_land": keep_al[:, None],
         }
     return nystrom_core(q, k, v, q_land, k_land, scale=s, pinv=pinv, pinv_iters=pinv_iters, rcond=rcond,
-                        **masks)
+                        ridge=ridge, v_land=_gather_tokens(v, idx), **masks)
 
 
 def nystrom_attention(

@@ -29,8 +29,9 @@ def segment_mean_attention(
     pinv: str = "newton",
     pinv_iters: int = 6,
     rcond: float | None = None,
+    ridge: float = 1.0,
 ) -> torch.Tensor:
     """Nyströmformer on [B, H, N, d] with m segment-mean landmarks (no conv skip: training-free)."""
     s = q.shape[-1] ** -0.5 if scale is None else scale
     return nystrom_core(q, k, v, segment_means(q, m), segment_means(k, m), scale=s, pinv=pinv,
-                        pinv_iters=pinv_iters, rcond=rcond)
+                        pinv_iters=pinv_iters, rcond=rcond, ridge=ridge, v_land=segment_means(v, m))

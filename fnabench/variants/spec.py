@@ -147,6 +147,8 @@ _PINV = _choice("newton", "exact", "ridge")
 _RIDGE = Param(float, 1.0, "a float > 0", lambda v: v > 0, later=True)
 #: causal attention only: what generation keeps for the prefill (landmark keys and Ṽ, or every token)
 _CACHE = Param(_choice("landmark", "full").parse, "landmark", "landmark | full", later=True)
+#: auto: per layer and input size, run exact attention where the approximation would cost more counted FLOPs
+_FALLBACK = Param(_choice("none", "auto").parse, "none", "none | auto", later=True)
 _ITERS = Param(_parse_int, 6, "an integer >= 1", lambda v: v >= 1)
 _RCOND = Param(_parse_float_or_auto, None, "'auto' (torch's default) or a float in (0, 1)",
                lambda v: v is None or 0 < v < 1)
@@ -173,6 +175,7 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "norm_ratio": Param(float, 3.0, _RATIO, lambda v: v > 1),
         "ridge": _RIDGE,
         "cache": _CACHE,
+        "fallback": _FALLBACK,
     },
     "nystrom": {
         "m": _M,
@@ -183,6 +186,7 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "rcond": _RCOND,
         "ridge": _RIDGE,
         "cache": _CACHE,
+        "fallback": _FALLBACK,
     },
     "mask": {
         "tokens": _choice("artifact", "massive", "all", "first"),

@@ -48,6 +48,8 @@ class ForwardState:
     only_tower: bool = False
     #: per layer, what a landmark KV cache keeps from the prefill: (landmark keys, Ṽ, last landmark position)
     prefill: dict = field(default_factory=dict)
+    #: with ``fallback=auto``: per layer of the last forward, whether the approximation ran (else exact)
+    approximated: dict = field(default_factory=dict)
 
     def begin_layer(self, layer: int, residual: torch.Tensor | None) -> None:
         """Called as block ``layer`` starts; block 0 starts a new forward and clears the caches."""
@@ -56,6 +58,7 @@ class ForwardState:
             self.masked = None
             self.history = {}
             self.prefill = {}
+            self.approximated = {}
         self.layer = layer
         self.residual = residual
 
@@ -169,11 +172,14 @@ class Variant:
             key_masked, v = variant._apply_mask(v, state, causal=True)
         core = variant.core
         n = q.shape[-2]
+        if (core.name in ("fna", "nystrom") and core["m"] < n and _applies(core, state)
+                and not variant._pays(q, k, v, state, causal=True)):
+            core = parse_variant("exact").core  # fallback=auto: exact costs fewer counted FLOPs here
         if core.name == "exact" or not _applies(core, state) or (core.name != "null" and core["m"] >= n):
             keep = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]
             if key_masked is not None:
                 keep = keep & key_keep_mask(key_masked)
-            if variant.core.name == "exact" and variant.core["impl"] == "math":
+            if core.name == "exact" and core["impl"] == "math":
                 return exact_attention(q, k, v, scale=scale, attn_mask=keep)
             if key_masked is None:
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -222,14 +228,27 @@ class Variant:
         if core.name == "null":
             return v
         n = q.shape[-2]
-        if core["m"] >= n:
+        if core["m"] >= n or not self._pays(q, k, v, state):
             return self._exact(q, k, v, scale, None, key_masked)
         if core.name == "nystrom":
             return segment_mean_attention(q, k, v, core["m"], scale=scale, pinv=core["pinv"],
-                                          pinv_iters=core["iters"], rcond=core["rcond"])
+                                          pinv_iters=core["iters"], rcond=core["rcond"], ridge=core["ridge"])
         idx = self._landmarks(q, k, v, state, key_masked)
         return fna_attention(q, k, v, idx, scale=scale, pinv=core["pinv"], pinv_iters=core["iters"],
-                             rcond=core["rcond"], key_masked=key_masked)
+                             rcond=core["rcond"], ridge=core["ridge"], key_masked=key_masked)
+
+    def _pays(self, q, k, v, state: ForwardState, causal: bool = False) -> bool:
+        """Whether the core runs here: always, unless ``fallback=auto`` and, at this input size, it would
+        cost no fewer counted attention FLOPs than exact (counted once per shape on meta tensors)."""
+        if self.core["fallback"] != "auto":
+            return True
+        key = (self.core.canonical, tuple(q.shape), tuple(k.shape), q.dtype, causal, state.num_prefix,
+               None if state.residual is None else tuple(state.residual.shape))
+        if key not in _PAYS:
+            _PAYS[key] = _counted_cost(self.core.with_values(fallback="none"), q, k, v, state, causal) < \
+                _counted_cost(parse_variant("exact").core, q, k, v, state, causal)
+        state.approximated[state.layer] = _PAYS[key]
+        return _PAYS[key]
 
     def _exact(self, q, k, v, scale, attn_mask, key_masked) -> torch.Tensor:
         if key_masked is not None:
@@ -300,6 +319,26 @@ class Variant:
                 raise ValueError("features=input needs the residual stream, but the adapter gave none")
             return state.residual
         return {"q": q, "k": k, "v": v}[which].mean(dim=1)
+
+
+_PAYS: dict[tuple, bool] = {}  # fallback=auto decisions by (core, shapes, dtype, causal)
+
+
+def _counted_cost(core: Component, q, k, v, state: ForwardState, causal: bool) -> int:
+    """Counted attention FLOPs of ``core`` on meta tensors shaped like q, k, v (measure.count_flops_aside);
+    on the tensors themselves where a shape depends on data (the causal kernel's group widths)."""
+    from ..measure import count_flops_aside
+
+    def count(like) -> int:
+        probe = ForwardState(state.tower, state.num_layers, state.num_prefix, state.layer, like(state.residual),
+                             causal=state.causal, only_tower=state.only_tower)
+        return count_flops_aside(lambda: Variant(core).attend(like(q), like(k), like(v), probe,
+                                                              causal=causal)).attention
+
+    try:
+        return count(lambda x: None if x is None else torch.empty(x.shape, dtype=x.dtype, device="meta"))
+    except (RuntimeError, NotImplementedError):  # e.g. .item() on a meta tensor
+        return count(lambda x: x)
 
 
 def parse_variant(spec: str | Variant) -> Variant:
