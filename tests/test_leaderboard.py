@@ -460,3 +460,22 @@ def test_committed_offline_leaderboard_regenerates_from_its_records(tmp_path, mo
     assert {"exact", "fna:layers=-6:,m=64", "fna:landmarks=random,layers=-6:,m=16", "nystrom:layers=-6:,m=64",
             "mask:tokens=all", "fna:layers=-6:,m=64+mask:tokens=all"} <= variants
     assert {r["image_size"] for r in records} == {224, 448} and all(r["status"] == "ok" for r in records)
+
+
+def test_committed_recall_variants_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/recall-variants comes from one `fnabench run` + `publish`: its records give its README."""
+    from fnabench.harness import publish as pub
+
+    monkeypatch.setattr(pub, "plot", lambda records, stem: [stem.with_name(stem.name + ".png")])
+    src = Path(__file__).parent.parent / "leaderboards" / "recall-variants"
+    dest = publish(src / "records", tmp_path / "recall-variants", config_path=src / "config.toml",
+                   command="fnabench publish results/recall-variants leaderboards/recall-variants",
+                   description_path=src / "description.md")
+    assert (dest / "README.md").read_text() == (src / "README.md").read_text()
+    records = rec_io.read_records(src / "records")
+    assert {r["model"] for r in records} == {f"recall:cpu@seed{s}" for s in (0, 1, 2)}
+    assert all(r["status"] == "ok" and r["kv_cache"]["full_bytes"] > 0 for r in records)
+    leaky = {r["variant_short"] for r in records if r["causal"]["leaks_future"]}
+    assert leaky == {"fna:landmarks=fps,m=16,pinv=ridge (sees the future)"}
+    assert {"exact", "fna:landmarks=stride,m=16,pinv=ridge", "nystrom:m=16,pinv=ridge",
+            "mask:tokens=first"} <= {r["variant_short"] for r in records}
