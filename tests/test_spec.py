@@ -48,7 +48,7 @@ def test_values_are_normalised():
     "spec, fragment",
     [
         ("fnaa:m=3", "accepted: exact, fna, mask, null, nystrom"),
-        ("fna:mm=3", "accepted: cache, exclude, features"),
+        ("fna:mm=3", "accepted: cache, exclude, fallback, features"),
         ("fna:m=0", "accepted: an integer >= 1"),
         ("fna:m", "needs a value"),
         ("fna:landmarks=kmeans", "accepted: fps | random | norm | stride"),
