@@ -217,7 +217,7 @@ def test_speedup_needs_timing_on_both_sides():
 
 def test_failed_cell_is_shown_with_first_line_of_error():
     t = _table("knn:digits")
-    row = _row(t, "timm:vit_small @224px (dtype=float32)", "mask:tokens=artifact")
+    row = _row(t, "timm:vit_small @224px (dtype=float32)", "mask")
     assert row["failed"] and not row["pareto"]
     assert row["cells"]["top1 ↑"] == "failed"
     assert row["cells"]["error"] == "RuntimeError: no artifact tokens | found"

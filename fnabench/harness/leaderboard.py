@@ -27,6 +27,7 @@ from typing import Any
 from tabulate import tabulate
 
 from .._errors import UserError
+from ..variants import SpecError, parse_variant
 from .records import latest_by_cell
 
 #: the canonical reference variant; any "exact:..." variant without "+" also counts as exact
@@ -320,7 +321,7 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
         ips = timing.get("images_per_s") if ok else None
         raw = {
             "model": _label(r, varying), "model_name": r["model"], "image_size": _image_size(r),
-            "variant": r["variant_short"], "variant_spec": r["variant"], "status": r["status"], "id": r["id"],
+            "variant": display_variant(r), "variant_spec": r["variant"], "status": r["status"], "id": r["id"],
             "metrics": {m: r["metrics"].get(m) for m in metrics} if ok else {},
             "gflops": _gflops(r), "attention_gflops": _gflops(r, "attention"), "delta": delta, "speedup": spd,
             "images_per_s": ips, "median_s": _median(r), "pareto": on_front, "exact": exact_row,
@@ -341,7 +342,7 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
         else:
             cells = ["failed", *([""] * (len(metrics) - 1 + bool(se_header)))] if metrics else []
             cells += [""] * (6 + len(kv_headers))
-        row = [raw["model"], r["variant_short"], *cells]
+        row = [raw["model"], raw["variant"], *cells]
         if any_failed:
             row.append("" if ok else raw["error"])
         table.rows.append(row)
@@ -354,6 +355,15 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
         for row, failed in zip(table.rows, table.failed, strict=True):
             row.insert(2, "failed" if failed else "ok")
     return table
+
+
+def display_variant(rec: dict) -> str:
+    """A record's variant as tables name it under today's defaults (so a short name never means two
+    computations when a default changes); the stored ``variant_short`` if the spec no longer parses."""
+    try:
+        return parse_variant(rec["variant"]).label(causal="causal" in rec)
+    except SpecError:
+        return rec["variant_short"]
 
 
 def _kv_values(rec: dict) -> dict:

@@ -98,11 +98,7 @@ def _base_record(cell: rec.Cell, started: str, t0: float, env: dict) -> dict:
 
 def _short(variant: Variant, model: str) -> str:
     """The table's name for a variant; in a decoder a whole-sequence selector is named and flagged."""
-    if not (is_causal_model(model) and variant.leaks_future):
-        return variant.short
-    landmarks = f"landmarks={variant.core['landmarks']}"
-    short = variant.short if landmarks in variant.short else variant.short.replace("fna:", f"fna:{landmarks},", 1)
-    return short + " (sees the future)"
+    return variant.label(causal=is_causal_model(model))
 
 
 class Runner:

@@ -107,6 +107,15 @@ class Variant:
             change["pinv"] = "ridge"
         return Variant(core.with_values(**change), self.mask) if change else self
 
+    def label(self, causal: bool = False) -> str:
+        """The table's name: :attr:`short`; on causal attention a whole-sequence selector is named and
+        flagged, since it lets later tokens choose earlier landmarks."""
+        if not (causal and self.leaks_future):
+            return self.short
+        named = f"landmarks={self.core['landmarks']}"
+        short = self.short if named in self.short else self.short.replace("fna:", f"fna:{named},", 1)
+        return short + " (sees the future)"
+
     @property
     def leaks_future(self) -> bool:
         """On causal attention, whether later tokens can change earlier outputs (a whole-sequence selector)."""
