@@ -108,7 +108,7 @@ def test_causal_defaults_are_named_in_the_resolved_string():
 def test_keys_added_later_leave_old_identities_unchanged():
     old = ("fna:exclude=none,features=q,guarantee=prefix,iters=6,landmarks=fps,layers=:,m=16,norm_ratio=3,"
            "pinv=newton,rcond=auto,resample=false,seed=0,tower=image")
-    assert parse_variant("fna:m=16").canonical == old
+    assert parse_variant("fna:m=16,pinv=newton").canonical == old  # (newton was FNA's default when it ran)
     assert "cache=full" in parse_variant("fna:m=16,cache=full").canonical
 
 
@@ -280,16 +280,16 @@ out = "{tmp_path / 'out'}"
     summary = run_sweep(load_config(cfg), quiet=True)
     assert summary.ok and len(summary.ran) == 4
     records = {r["variant_short"]: r for r in read_records(tmp_path / "out")}
-    assert set(records) == {"exact", "fna:landmarks=stride,m=8,pinv=ridge",
-                            "fna:landmarks=fps,m=8,pinv=ridge (sees the future)", "mask:tokens=first"}
-    assert records["fna:landmarks=stride,m=8,pinv=ridge"]["causal"] == {"leaks_future": False}
-    assert records["fna:landmarks=fps,m=8,pinv=ridge (sees the future)"]["causal"] == {"leaks_future": True}
+    assert set(records) == {"exact", "fna:landmarks=stride,m=8",
+                            "fna:landmarks=fps,m=8 (sees the future)", "mask:tokens=first"}
+    assert records["fna:landmarks=stride,m=8"]["causal"] == {"leaks_future": False}
+    assert records["fna:landmarks=fps,m=8 (sees the future)"]["causal"] == {"leaks_future": True}
     exact = records["exact"]
     assert set(exact["metrics"]) == {f"{p}err_k{k}" for p in ("", "misdirected_") for k in (1, 2, 3)}
     assert exact["flops"]["per"] == "trace" and exact["flops"]["attention"] > 0
-    assert exact["metrics"] != records["fna:landmarks=stride,m=8,pinv=ridge"]["metrics"]
+    assert exact["metrics"] != records["fna:landmarks=stride,m=8"]["metrics"]
     # what decoding would keep: the full cache for exact and masking, the landmark cache for FNA
-    fna = records["fna:landmarks=stride,m=8,pinv=ridge"]
+    fna = records["fna:landmarks=stride,m=8"]
     assert exact["kv_cache"]["bytes"] == exact["kv_cache"]["full_bytes"] > 0
     assert records["mask:tokens=first"]["kv_cache"]["bytes"] == exact["kv_cache"]["full_bytes"]
     n = exact["kv_cache"]["prefill_tokens"]

@@ -29,24 +29,25 @@ def _exact_layer_macs(n: int) -> int:
     return linear + 2 * n * n * WIDTH  # QKᵀ and AV over all heads
 
 
-def _fna_attention_macs(n: int, m: int, iters: int = 6) -> int:
-    """Per layer, all heads: A (m²d), B (2mNd), Newton (4·iters·m³), ZB (m²d), out (2Nmd)."""
-    return HEADS * (m * m * HEAD_DIM + 2 * m * n * HEAD_DIM + 4 * iters * m**3 + m * m * HEAD_DIM
-                    + 2 * n * m * HEAD_DIM)
+def _fna_attention_macs(n: int, m: int, iters: int = 6, pinv: str = "newton") -> int:
+    """Per layer, all heads: A (m²d), B (2mNd), Newton (4·iters·m³) then ZB (m²d), or the ridge LU solve
+    (m³/3 + m²d), out (2Nmd)."""
+    inverse = 4 * iters * m**3 + m * m * HEAD_DIM if pinv == "newton" else m**3 / 3 + m * m * HEAD_DIM
+    return HEADS * (m * m * HEAD_DIM + 2 * m * n * HEAD_DIM + inverse + 2 * n * m * HEAD_DIM)
 
 
 def _fps_macs(n: int, m: int) -> int:
     return n * HEAD_DIM * (m + 1)  # centroid distance, then one distance row per pick
 
 
-def _vit_macs(size: int, fna_layers: int = 0, m: int = 64) -> int:
+def _vit_macs(size: int, fna_layers: int = 0, m: int = 64, pinv: str = "newton") -> int:
     n = _tokens(size)
     patches = n - 1
     total = patches * WIDTH * 3 * PATCH * PATCH + WIDTH * 1000  # patch embedding, head
     total += DEPTH * _exact_layer_macs(n)
     if fna_layers:
         total -= fna_layers * 2 * n * n * WIDTH
-        total += fna_layers * _fna_attention_macs(n, m) + _fps_macs(n, m)
+        total += fna_layers * _fna_attention_macs(n, m, pinv=pinv) + _fps_macs(n, m)
     return total
 
 
@@ -66,17 +67,18 @@ def test_vit_b16_exact_flops_match_closed_form(size):
     assert patched.total == counted.total and patched.attention == counted.attention
 
 
+@pytest.mark.parametrize("pinv", ["newton", "ridge"])
 @pytest.mark.parametrize("size", [224, 896])
-def test_vit_b16_fna_flops_match_closed_form(size):
+def test_vit_b16_fna_flops_match_closed_form(size, pinv):
     model = _vit_b16(size)
     x = torch.randn(1, 3, size, size, device="meta")
-    with fnabench.patch(model, "fna:m=64,layers=-6:"):
+    with fnabench.patch(model, f"fna:m=64,layers=-6:,pinv={pinv}"):
         counted = fnabench.count_flops(model, x)
-    expected = 2 * _vit_macs(size, fna_layers=6, m=64)
+    expected = 2 * _vit_macs(size, fna_layers=6, m=64, pinv=pinv)
     assert abs(counted.total - expected) / expected < 0.01
     # the counted attention part includes landmark selection and the pseudo-inverse
     n = _tokens(size)
-    attention = 2 * (6 * 2 * n * n * WIDTH + 6 * _fna_attention_macs(n, 64) + _fps_macs(n, 64))
+    attention = 2 * (6 * 2 * n * n * WIDTH + 6 * _fna_attention_macs(n, 64, pinv=pinv) + _fps_macs(n, 64))
     assert abs(counted.attention - attention) / attention < 0.01
 
 

@@ -142,7 +142,10 @@ def _choice(*options: str) -> Param:
 _LAYERS = Param(_parse_slice, LayerSlice(None, None), "a slice such as ':' or '-6:' or an index")
 _TOWER = _choice("image", "text", "all")
 _M = Param(_parse_int, 64, "an integer >= 1", lambda v: v >= 1)
-_PINV = _choice("newton", "exact", "ridge")
+_PINV = _choice("newton", "exact", "ridge")  # Nyströmformer keeps its paper's iterative inverse
+#: FNA's default is the ridge solve: fewer counted FLOPs than Newton–Schulz and, measured on the offline
+#: DINOv2-S fidelity task (configs/fna_inverses.toml), closer to exact attention
+_FNA_PINV = _choice("ridge", "newton", "exact")
 #: causal attention only (decoders): Tikhonov weight of the lower-triangular inverse (variants/causal.py)
 _RIDGE = Param(float, 1.0, "a float > 0", lambda v: v > 0, later=True)
 #: causal attention only: what generation keeps for the prefill (landmark keys and Ṽ, or every token)
@@ -165,7 +168,7 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "tower": _TOWER,
         "landmarks": _choice("fps", "random", "norm", "stride"),
         "features": _choice("q", "k", "v", "input"),
-        "pinv": _PINV,
+        "pinv": _FNA_PINV,
         "iters": _ITERS,
         "rcond": _RCOND,
         "resample": Param(_parse_bool, False, "true | false"),
