@@ -80,10 +80,10 @@ def landmark_values(a: torch.Tensor, bv: torch.Tensor, v_land: torch.Tensor, met
     V_S = V give Ṽ = V) and for one landmark, whatever λ.
     """
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    if method == "exact":
-        return torch.linalg.solve_triangular(a, bv, upper=False)
+    if method == "exact":  # (.contiguous(): LAPACK's column-major result slows the attention that reads it)
+        return torch.linalg.solve_triangular(a, bv, upper=False).contiguous()
     if method == "ridge":
-        return torch.linalg.solve_triangular(a + ridge * eye, bv + ridge * v_land, upper=False)
+        return torch.linalg.solve_triangular(a + ridge * eye, bv + ridge * v_land, upper=False).contiguous()
     if method == "newton":
         z = eye.expand_as(a)
         for _ in range(iters):

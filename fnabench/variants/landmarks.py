@@ -45,30 +45,30 @@ def farthest_point_sampling(
     exclude = _as_batch_mask(exclude, batch, num_tokens, x.device) & ~guarantee
     g_order, g_count = _guaranteed_order(guarantee, m)
     candidate = ~(guarantee | exclude)
-
+    rows = torch.arange(batch, device=x.device)
     sq_norm = (x * x).sum(-1)  # [B, N]
+
+    def dist_to(pick: torch.Tensor) -> torch.Tensor:  # squared distance of every token to x[rows, pick]
+        return sq_norm - 2 * (x @ x[rows, pick][..., None]).squeeze(-1) + sq_norm[rows, pick][:, None]
+
+    # one tensor is both the running min distance and the score: chosen and non-candidates sit at -inf
+    # (a fixed number of steps, no data-dependent bounds: it also runs on meta tensors, for FLOP counts)
     centroid = (x * candidate[..., None]).sum(1) / candidate.sum(1, keepdim=True).clamp(min=1)
     centre_dist = sq_norm - 2 * (x @ centroid[..., None]).squeeze(-1) + (centroid * centroid).sum(-1, True)
-
-    rows = torch.arange(batch, device=x.device)
-    min_dist = torch.full((batch, num_tokens), float("inf"), device=x.device)
-    chosen = torch.zeros(batch, num_tokens, dtype=torch.bool, device=x.device)
-    picks = []
+    first = centre_dist.masked_fill(~candidate, float("-inf"))  # a row without guarantees starts here
+    score = torch.full_like(centre_dist, float("inf")).masked_fill(~candidate, float("-inf"))
+    limit = g_count + candidate.sum(1)  # steps before a row runs out of candidates
     last = torch.zeros(batch, dtype=torch.long, device=x.device)
+    picks = []
     for step in range(m):
-        score = (centre_dist if step == 0 else min_dist).masked_fill(~candidate | chosen, float("-inf"))
-        best = score.argmax(-1)
-        has_candidate = torch.isfinite(score.gather(1, best[:, None]).squeeze(1))
-        # a row still inside its guaranteed block takes the next guaranteed index instead
-        in_guarantee = step < g_count
+        best = (first if step == 0 else score).argmax(-1)
         g_pick = g_order[:, min(step, g_order.shape[1] - 1)]
-        pick = torch.where(in_guarantee, g_pick, torch.where(has_candidate, best, last))
+        # a row inside its guaranteed block takes the next guaranteed index; one out of candidates repeats
+        pick = torch.where(step < g_count, g_pick, torch.where(step < limit, best, last))
         picks.append(pick)
-        chosen[rows, pick] = True
         last = pick
-        p = x[rows, pick]  # [B, D]
-        d = sq_norm - 2 * (x @ p[..., None]).squeeze(-1) + sq_norm[rows, pick][:, None]
-        min_dist = torch.minimum(min_dist, d)
+        score[rows, pick] = float("-inf")
+        score = torch.minimum(score, dist_to(pick))
     return torch.stack(picks, dim=1)
 
 
