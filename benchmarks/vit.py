@@ -101,6 +101,7 @@ def run_size(args: argparse.Namespace, size: int, device: torch.device, dtype: t
         ("unpatched", None),
         ("exact", "exact"),
         (f"fna:m={args.m} [{layers}]", f"fna:m={args.m},layers={layers}"),
+        (f"fna:m={args.m},pinv=newton [{layers}]", f"fna:m={args.m},pinv=newton,layers={layers}"),  # official inverse
         (f"nystrom:m={args.nystrom_m} [{layers}]", f"nystrom:m={args.nystrom_m},layers={layers}"),
         (f"null [{layers}]", f"null:layers={layers}"),
     ]
