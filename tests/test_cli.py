@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TINY_SWEEP
@@ -187,11 +188,14 @@ def test_cli_flags_override_config(sweep):
     assert (config.limit, config.dtype, config.out) == (2, "bfloat16", "x")
     with pytest.raises(ConfigError, match="limit must be"):
         cfg.override(config, limit=0)
-    # --tasks drops the options of the tasks it leaves out (the default sweep's knn options, say)
-    default = cfg.load(None)
-    assert "knn:digits" in default.task_options
-    only = cfg.override(default, tasks=["fidelity:images"])
+    # --tasks drops the options of the tasks it leaves out (the published offline sweep's knn options, say)
+    full = cfg.load(Path(__file__).parent.parent / "configs" / "offline_dinov2s.toml")
+    assert "knn:digits" in full.task_options
+    only = cfg.override(full, tasks=["fidelity:images"])
     assert only.tasks == ["fidelity:images"] and only.task_options == {}
+    default = cfg.load(None)  # the main job: fidelity at a size where FNA can win, with a reading guide
+    assert default.image_sizes == [448] and default.tasks == ["fidelity:images"]
+    assert default.description.startswith("How to read this") and default.timing_repeats >= 6
 
 
 def test_list_and_leaderboard_commands(sweep, tmp_path, capsys):
@@ -333,3 +337,13 @@ def test_fallback_auto_records_which_blocks_ran_the_approximation(sweep, tmp_pat
             ran.add(bool(layers["approximated"]))
         assert by_variant["fna:fallback=auto,m=4"]["flops"]["attention"] == min(ridge, exact)
     assert ran == {True, False}
+
+
+def test_run_prints_the_configs_reading_guide_under_its_table(sweep, tmp_path, capsys):
+    sweep.write_text(sweep.read_text() + 'description = """Read cos_sim first."""\n')
+    assert main(["run", str(sweep), "--out", str(tmp_path / "r"), "--quiet", "--variants", "exact"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("| exact") < printed.index("Read cos_sim first.") < printed.index("cells run")
+    assert main(["run", str(sweep), "--out", str(tmp_path / "r"), "--quiet", "--variants", "exact",
+                 "--format", "csv"]) == 0
+    assert "Read cos_sim first." not in capsys.readouterr().out  # CSV stays parseable

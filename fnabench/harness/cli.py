@@ -113,6 +113,8 @@ def cmd_run(args) -> int:
                           timing_repeats=args.timing_repeats, offline=args.offline)
     summary = Runner(config, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr), retime=args.retime).run()
     print(render(require_records(summary.out), args.format, metrics=config.table_metrics))
+    if config.description and args.format in ("github", "markdown"):
+        print(config.description.strip() + "\n")  # the config's reading guide, under its table
     print(summary.line())
     return EXIT_OK if summary.ok else EXIT_FOUND
 

@@ -337,7 +337,7 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
             if has_kv:
                 cells += [fmt_number(raw["kv_percent"]), fmt_number(raw["decode_gflops"])]
             cells += ["ref" if exact_row else fmt_number(delta, sign=True),
-                      "ref" if exact_row else (f"{spd:.2f}×" if spd is not None else MISSING),
+                      "ref" if exact_row else _speedup_cell(spd, timing),
                       fmt_number(ips), PARETO_MARK if on_front else ""]
         else:
             cells = ["failed", *([""] * (len(metrics) - 1 + bool(se_header)))] if metrics else []
@@ -355,6 +355,14 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
         for row, failed in zip(table.rows, table.failed, strict=True):
             row.insert(2, "failed" if failed else "ok")
     return table
+
+
+def _speedup_cell(spd: float | None, timing: dict) -> str:
+    """The speed-up with the range of its paired rounds beside it, e.g. ``1.30× (1.21–1.38)``."""
+    if spd is None:
+        return MISSING
+    rounds = [x for x in timing.get("speedup_rounds") or [] if isinstance(x, (int, float))]
+    return f"{spd:.2f}× ({min(rounds):.2f}–{max(rounds):.2f})" if len(rounds) > 1 else f"{spd:.2f}×"
 
 
 def display_variant(rec: dict) -> str:

@@ -27,7 +27,7 @@ _LEGEND = ("GFLOPs are counted FLOPs of one forward pass at the record's input s
            "accuracy-vs-GFLOPs Pareto front of each task.")
 _PAIRED = "exact median latency / variant median latency, the two timed in alternating rounds on the same batch"
 _PAIRED_ROUNDS = ("the median over rounds of exact's latency / the variant's in the same round, the two timed in "
-                  "alternating rounds on the same batch")
+                  "alternating rounds on the same batch; in brackets the lowest and highest round")
 _UNPAIRED = "exact median latency / variant median latency, each timed in its own cell"
 _UNTIMED = "not measured, no record carries timing"
 _FLAT_PLOT = ("Plot skipped: every row of each task has the same GFLOPs, so there is no accuracy-vs-GFLOPs "
