@@ -105,10 +105,10 @@ TASKS.register("clip_benchmark", "fnabench.tasks.clip_benchmark:make_task",
                "clip_benchmark:<dataset>|shapes — CLIP_benchmark zero-shot retrieval/classification (dataset_root)")
 
 # Named presets: a short name for a full spec (paper settings), usable in sweep configs and on the CLI.
-VARIANTS.register("paper-clip-l14-m64", lambda: "fna:m=64,layers=-11:",
-                  "FNA as released for CLIP ViT-L/14: m=64 on the last 11 of 24 blocks")
-VARIANTS.register("paper-clip-l14-m32", lambda: "fna:m=32,layers=-11:",
-                  "FNA m=32 on the last 11 of 24 blocks")
+VARIANTS.register("paper-clip-l14-m64", lambda: "fna:m=64,layers=-11:,pinv=newton",
+                  "FNA as released for CLIP ViT-L/14: m=64 on the last 11 of 24 blocks, Newton-Schulz inverse")
+VARIANTS.register("paper-clip-l14-m32", lambda: "fna:m=32,layers=-11:,pinv=newton",
+                  "FNA m=32 on the last 11 of 24 blocks, the official Newton-Schulz inverse")
 
 
 #: model families whose attention is causal: variants on them resolve to their causal form (Variant.for_causal)
