@@ -302,3 +302,18 @@ out = "{tmp_path / 'out'}"
     # the trained model is cached by config hash: a second sweep trains nothing and repeats the numbers
     again = run_sweep(load_config(cfg), quiet=True)
     assert again.ran == [] and len(again.skipped) == 4
+
+
+def test_fallback_auto_in_a_decoder_runs_exact_where_the_causal_kernel_costs_more():
+    """Short prompts: causal FNA's grouped kernel counts more FLOPs than exact, so fallback=auto runs exact
+    and generation equals the unpatched model's; a long prompt is approximated."""
+    lm = _llama()
+    short = _ids(12)[:1]
+    ref = lm.generate(short, max_new_tokens=4, do_sample=False)
+    with fnabench.patch(lm, "fna:m=4,fallback=auto") as handle:
+        out = lm.generate(short, max_new_tokens=4, do_sample=False)
+        assert handle.states[next(iter(handle.states))].approximated == {0: False, 1: False}
+    assert torch.equal(out, ref)
+    with fnabench.patch(lm, "fna:m=4,fallback=auto") as handle, torch.no_grad():
+        lm(_ids(120)[:1])
+        assert handle.states[next(iter(handle.states))].approximated == {0: True, 1: True}

@@ -48,7 +48,8 @@ class ForwardState:
     only_tower: bool = False
     #: per layer, what a landmark KV cache keeps from the prefill: (landmark keys, Ṽ, last landmark position)
     prefill: dict = field(default_factory=dict)
-    #: with ``fallback=auto``: per layer of the last forward, whether the approximation ran (else exact)
+    #: with ``fallback=auto``: per layer, whether the approximation ran (else exact) the last time that
+    #: layer decided (decoding steps on a KV cache attend exactly and decide nothing)
     approximated: dict = field(default_factory=dict)
 
     def begin_layer(self, layer: int, residual: torch.Tensor | None) -> None:
@@ -58,7 +59,6 @@ class ForwardState:
             self.masked = None
             self.history = {}
             self.prefill = {}
-            self.approximated = {}
         self.layer = layer
         self.residual = residual
 
