@@ -27,6 +27,7 @@ from fnabench.harness.leaderboard import (
 )
 from fnabench.harness.publish import publish
 from fnabench.testing import make_record
+from fnabench.variants import parse_variant
 
 GOLDEN = Path(__file__).parent / "golden" / "leaderboard.md"
 REL_TOL = 2e-3  # displayed numbers carry 4 significant digits: allow a flip of the last one
@@ -479,3 +480,21 @@ def test_committed_recall_variants_leaderboard_regenerates_from_its_records(tmp_
     assert leaky == {"fna:landmarks=fps,m=16,pinv=ridge (sees the future)"}
     assert {"exact", "fna:landmarks=stride,m=16,pinv=ridge", "nystrom:m=16,pinv=ridge",
             "mask:tokens=first"} <= {r["variant_short"] for r in records}
+
+
+def test_committed_fna_inverses_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/fna-inverses backs FNA's default inverse: its README comes from its records alone."""
+    from fnabench.harness import publish as pub
+
+    monkeypatch.setattr(pub, "plot", lambda records, stem: [stem.with_name(stem.name + ".png")])
+    src = Path(__file__).parent.parent / "leaderboards" / "fna-inverses"
+    dest = publish(src / "records", tmp_path / "fna-inverses", config_path=src / "config.toml",
+                   command="fnabench publish results/fna-inverses leaderboards/fna-inverses",
+                   description_path=src / "description.md")
+    assert (dest / "README.md").read_text() == (src / "README.md").read_text()
+    records = [r for r in rec_io.read_records(src / "records") if r["status"] == "ok"]
+    by = {(r["image_size"], r["variant"]): r["metrics"]["cos_sim"] for r in records}
+    for size in (224, 448):  # the measurement the default rests on: ridge beats the official Newton inverse
+        ridge = by[(size, parse_variant("fna:m=64").canonical)]
+        newton = by[(size, parse_variant("fna:m=64,pinv=newton").canonical)]
+        assert ridge > newton
