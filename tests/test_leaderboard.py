@@ -447,16 +447,24 @@ def test_points_drawn_on_top_of_each_other_share_one_label():
     assert _coincident([(1.0, 2.0, "only")]) == [(1.0, 2.0, ["only"])]
 
 
-def test_committed_offline_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
-    """leaderboards/offline-dinov2s is generated, never hand-edited: its records and config give its README."""
+def _republished(name: str, tmp_path: Path, monkeypatch) -> list[dict]:
+    """leaderboards/NAME rebuilt by publish from its own records, config and description (plots stubbed):
+    the rebuilt README must equal the committed one; returns its records."""
     from fnabench.harness import publish as pub
 
     monkeypatch.setattr(pub, "plot", lambda records, stem: [stem.with_name(stem.name + ".png")])
-    src = Path(__file__).parent.parent / "leaderboards" / "offline-dinov2s"
-    dest = publish(src / "records", tmp_path / "offline-dinov2s", config_path=src / "config.toml",
-                   command="fnabench publish results/offline-dinov2s leaderboards/offline-dinov2s")
+    src = Path(__file__).parent.parent / "leaderboards" / name
+    described = src / "description.md"
+    dest = publish(src / "records", tmp_path / name, config_path=src / "config.toml",
+                   command=f"fnabench publish results/{name} leaderboards/{name}",
+                   description_path=described if described.is_file() else None)
     assert (dest / "README.md").read_text() == (src / "README.md").read_text()
-    records = rec_io.read_records(src / "records")
+    return rec_io.read_records(src / "records")
+
+
+def test_committed_offline_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/offline-dinov2s is generated, never hand-edited: its records and config give its README."""
+    records = _republished("offline-dinov2s", tmp_path, monkeypatch)
     variants = {r["variant_short"] for r in records}
     assert {"exact", "fna:layers=-6:,m=64", "fna:landmarks=random,layers=-6:,m=16", "nystrom:layers=-6:,m=64",
             "mask:tokens=all", "fna:layers=-6:,m=64+mask:tokens=all"} <= variants
@@ -465,15 +473,7 @@ def test_committed_offline_leaderboard_regenerates_from_its_records(tmp_path, mo
 
 def test_committed_recall_variants_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
     """leaderboards/recall-variants comes from one `fnabench run` + `publish`: its records give its README."""
-    from fnabench.harness import publish as pub
-
-    monkeypatch.setattr(pub, "plot", lambda records, stem: [stem.with_name(stem.name + ".png")])
-    src = Path(__file__).parent.parent / "leaderboards" / "recall-variants"
-    dest = publish(src / "records", tmp_path / "recall-variants", config_path=src / "config.toml",
-                   command="fnabench publish results/recall-variants leaderboards/recall-variants",
-                   description_path=src / "description.md")
-    assert (dest / "README.md").read_text() == (src / "README.md").read_text()
-    records = rec_io.read_records(src / "records")
+    records = _republished("recall-variants", tmp_path, monkeypatch)
     assert {r["model"] for r in records} == {f"recall:cpu@seed{s}" for s in (0, 1, 2)}
     assert all(r["status"] == "ok" and r["kv_cache"]["full_bytes"] > 0 for r in records)
     leaky = {r["variant_short"] for r in records if r["causal"]["leaks_future"]}
@@ -484,17 +484,25 @@ def test_committed_recall_variants_leaderboard_regenerates_from_its_records(tmp_
 
 def test_committed_fna_inverses_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
     """leaderboards/fna-inverses backs FNA's default inverse: its README comes from its records alone."""
-    from fnabench.harness import publish as pub
-
-    monkeypatch.setattr(pub, "plot", lambda records, stem: [stem.with_name(stem.name + ".png")])
-    src = Path(__file__).parent.parent / "leaderboards" / "fna-inverses"
-    dest = publish(src / "records", tmp_path / "fna-inverses", config_path=src / "config.toml",
-                   command="fnabench publish results/fna-inverses leaderboards/fna-inverses",
-                   description_path=src / "description.md")
-    assert (dest / "README.md").read_text() == (src / "README.md").read_text()
-    records = [r for r in rec_io.read_records(src / "records") if r["status"] == "ok"]
+    records = _republished("fna-inverses", tmp_path, monkeypatch)
+    records = [r for r in records if r["status"] == "ok"]
     by = {(r["image_size"], r["variant"]): r["metrics"]["cos_sim"] for r in records}
     for size in (224, 448):  # the measurement the default rests on: ridge beats the official Newton inverse
         ridge = by[(size, parse_variant("fna:m=64").canonical)]
         newton = by[(size, parse_variant("fna:m=64,pinv=newton").canonical)]
         assert ridge > newton
+
+
+def test_a_folder_rebuilt_in_place_from_its_own_records_keeps_its_config_and_readme(tmp_path, monkeypatch):
+    """`fnabench publish leaderboards/X/records leaderboards/X` must not drop the folder's config.toml."""
+    import shutil
+
+    from fnabench.harness import publish as pub
+
+    monkeypatch.setattr(pub, "plot", lambda records, stem: [stem.with_name(stem.name + ".png")])
+    src = Path(__file__).parent.parent / "leaderboards" / "fna-inverses"
+    copy = tmp_path / "fna-inverses"
+    shutil.copytree(src, copy)
+    publish(copy / "records", copy, command="fnabench publish results/fna-inverses leaderboards/fna-inverses")
+    assert (copy / "config.toml").read_bytes() == (src / "config.toml").read_bytes()
+    assert (copy / "README.md").read_text() == (src / "README.md").read_text()

@@ -112,6 +112,7 @@ class Runner:
         self.log = log
         self.out = config.output_dir()
         self._flops: dict[tuple, dict] = {}
+        self._kv: dict[tuple, dict] = {}  # decoder cells: KV cache after prefill and one decoding step
         self._timings: dict[tuple, tuple[dict, int]] = {}
         self._done: dict[str, dict] = {}
 
@@ -263,15 +264,15 @@ class Runner:
         decoder = loaded.extra["decoder"]
 
         def measure(spec: Variant) -> dict:
-            key = ("kv", cell.model, spec.canonical, tuple(one.shape), str(one.dtype))
-            if key not in self._flops:
+            key = (cell.model, spec.canonical, tuple(one.shape), str(one.dtype))
+            if key not in self._kv:
                 with patch(loaded.model, spec):
                     cache = decoder.prefill(one[:, :-1])
                     size = cache_bytes(cache)
                     step = count_flops(decoder.step, one[:, -1:], cache)
-                self._flops[key] = {"bytes": size, "decode_gflops": step.total / 1e9,
-                                    "decode_attention_gflops": step.attention / 1e9}
-            return self._flops[key]
+                self._kv[key] = {"bytes": size, "decode_gflops": step.total / 1e9,
+                                 "decode_attention_gflops": step.attention / 1e9}
+            return self._kv[key]
 
         own, full = measure(variant), measure(parse_variant(EXACT_REFERENCE))
         return {**own, "full_bytes": full["bytes"], "prefill_tokens": int(one.shape[1]) - 1}
