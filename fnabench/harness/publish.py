@@ -154,8 +154,11 @@ def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
     for r in records:
         write_record(rec_dir, r)
 
-    # config.toml: the given sweep config, else RESULTS/sweep.toml
+    # config.toml: the given sweep config, else RESULTS/sweep.toml, else the folder's own (a folder rebuilt
+    # from its own records keeps its config, as it keeps its description)
     target = dest / "config.toml"
+    if config_path is None and not config.is_file() and target.is_file():
+        config = target
     has_config = config.is_file()
     if has_config:
         if not target.exists() or target.read_bytes() != config.read_bytes():
