@@ -56,6 +56,8 @@ def solve_dominant(mat: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     other matrix (a pivot swapped, a zero pivot) gets ``torch.linalg.solve``. Counted FLOPs are the
     same: 2/3·m³ for the factorisation and m²·k per triangular solve.
     """
+    if torch.compiler.is_compiling():  # the pivot check below reads data: under torch.compile, LAPACK's solve
+        return torch.linalg.solve(mat, rhs).contiguous()
     lu, pivots, info = torch.linalg.lu_factor_ex(mat.mT)
     if mat.device.type != "meta":
         in_order = torch.arange(1, mat.shape[-1] + 1, dtype=pivots.dtype, device=pivots.device)

@@ -16,6 +16,9 @@ def single_thread() -> Iterator[None]:
     thread, and with another process busy on the machine each parallel region waits for a scheduler
     slice: 2-thread FPS at N = 4096 ran 4-10x slower under load than on one thread.
     """
+    if torch.compiler.is_compiling():  # a compiled graph has its own threading; keep it traceable
+        yield
+        return
     threads = torch.get_num_threads()
     if threads == 1:
         yield
