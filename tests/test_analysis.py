@@ -141,7 +141,7 @@ def test_sink_share_is_the_planted_attention_and_matches_timms_own_probabilities
     np.testing.assert_allclose(received, truth, atol=1e-6)
 
 
-def test_received_attention_matches_each_hosts_own_probabilities_on_trained_free_random_models():
+def test_received_attention_matches_each_hosts_own_probabilities_on_random_models():
     """Random weights (no planted structure): timm's unfused probabilities and GPT-2's eager attentions."""
     tr = pytest.importorskip("transformers")
     from conftest import tiny_timm
@@ -187,7 +187,7 @@ def test_ablating_the_massive_token_makes_the_selectors_artifacts_and_the_dorman
     assert m["takeover_percent"] == 100 and m["emerged_tokens"] == 2 and 0.99 < m["cos_sim"] < 0.99999
     assert m["artifact_tokens"] == 2 and before.metrics()["artifact_tokens"] == 0
     text = " ".join(ab.verdict())
-    assert "newly became artifact" in text and "took over in 100 %" in text and "dormant 9" in text
+    assert "newly became artifact" in text and "taken over by another token in 100 %" in text and "dormant 9" in text
 
 
 def test_zeroing_values_leaves_attention_where_it_was_so_nothing_emerges():
@@ -197,6 +197,9 @@ def test_zeroing_values_leaves_attention_where_it_was_so_nothing_emerges():
     ab = ablate(model, images, "massive", action="values")
     np.testing.assert_allclose(ab.after.arrays["received"][:, 0], ab.before.arrays["received"][:, 0], atol=1e-6)
     assert not ab.after.artifact.any() and ab.metrics()["takeover_percent"] == 0
+    rows = [r for r in ab.per_layer() if "lost" in r]
+    assert all(r["lost"] == r["kept"] == 3 for r in rows) and "still the head's most attended token in 100 %" in \
+        " ".join(ab.verdict())
     assert ab.spec.startswith("exact:impl=sdpa+mask:action=values")
 
 

@@ -99,8 +99,9 @@ class Ablation:
         """Block ``layer``: what was removed, and per head whether the sink it lost was taken over.
 
         A head *lost its sink* when its most attended token before was removed and held ≥ ``sink_share`` of
-        the head's attention; the sink was *taken over* when after the ablation the head's most attended token
-        is another, unremoved token that holds ≥ ``sink_share``; otherwise the attention spread out.
+        the head's attention. After the ablation the removed token may still be its most attended (*kept*: zeroed
+        values leave attention where it was), another unremoved token holding ≥ ``sink_share`` may be (*taken
+        over*), or the attention spread out.
         """
         b, a = self.before, self.after
         s = b.thresholds.sink_share
@@ -108,6 +109,7 @@ class Ablation:
         was, was_share = b.top_token[:, layer], b.top_token_share[:, layer]  # [I, H]
         now, now_share = a.top_token[:, layer], a.top_token_share[:, layer]
         lost = np.take_along_axis(masked, was, axis=1) & (was_share >= s)
+        kept = lost & (now == was)  # zeroed values leave the attention where it was
         taken = lost & (now_share >= s) & ~np.take_along_axis(masked, now, axis=1) & (now != was)
         inputs, heads = np.nonzero(taken)
         removed_mass = (b.arrays["received"][:, layer].mean(axis=1) * masked).sum(axis=-1)
@@ -120,7 +122,7 @@ class Ablation:
             "top_sink_after": int(np.bincount(a.top_sink[:, layer]).argmax()),
             "sink_heads_lost": float(lost.sum(axis=-1).mean()),
             "sink_heads_taken_over": float(taken.sum(axis=-1).mean()),
-            "lost": int(lost.sum()), "taken": int(taken.sum()),
+            "lost": int(lost.sum()), "taken": int(taken.sum()), "kept": int(kept.sum()),
             "new_sinks": [[int(p), int(c)] for p, c in Counter(now[inputs, heads].tolist()).most_common(3)],
             "new_sink_kinds": _kinds_of(b, now[inputs, heads], inputs),
             "new_sink_share": float(now_share[inputs, heads].mean()) if taken.any() else None,
@@ -169,11 +171,15 @@ class Ablation:
             kinds: Counter = Counter()
             for r in blocks:
                 kinds.update(r["new_sink_kinds"])
-            spread = 100 - m["takeover_percent"]
-            lines.append(f"Sinks: {lost} (input, block, head) sinks were removed; another token took over in "
-                         f"{m['takeover_percent']:.0f} % of them (before, those tokens were: "
-                         f"{', '.join(f'{k} {c}' for k, c in kinds.most_common()) or 'none'}), and in {spread:.0f} % "
-                         "the head's attention spread out instead.")
+            kept = 100 * sum(r["kept"] for r in blocks) / lost
+            spread = 100 - m["takeover_percent"] - kept
+            were = f" (before, those tokens were: {', '.join(f'{k} {c}' for k, c in kinds.most_common())})" \
+                if kinds else ""
+            lines.append(f"Sinks: {lost} (input, block, head) sinks were on removed tokens. After: "
+                         + (f"still the head's most attended token in {kept:.0f} % (zeroed values leave the "
+                            "attention where it was), " if kept else "")
+                         + f"taken over by another token in {m['takeover_percent']:.0f} %{were}, spread out over the "
+                         f"other tokens in {spread:.0f} %.")
         return lines
 
     def summary(self) -> dict[str, Any]:

@@ -72,8 +72,16 @@ def norms_by_layer(report: Report, path: Path) -> Path:
     ax.axhline(t.activation, color="tab:red", linestyle=":", label=f"massive: > {t.activation:g}")
     ax.set(yscale="log", xlabel="residual state", ylabel="|activation|", title="Largest scalar activation")
     ax.legend(fontsize=7)
+    for ax in axes:
+        _integer_ticks(ax.xaxis)
     fig.suptitle(f"{report.model} — {report.count} inputs, {report.tokens} tokens")
     return _save(fig, path)
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _thumb(image: Any) -> np.ndarray | None:
@@ -106,6 +114,7 @@ def token_norms(report: Report, path: Path, images: list | None = None, inputs: 
                        norm=_log_norm(report.ratio))
         ax.set(xlabel="token position", ylabel="residual state", title=f"{report.model}: norm / median norm, "
                f"median over {report.count} inputs")
+        _integer_ticks(ax.yaxis)
         fig.colorbar(im, ax=ax)
         return _save(fig, path)
     layers = _map_layers(report)
@@ -147,6 +156,8 @@ def _log_norm(values: np.ndarray):
 def _heatmap(ax, grid: np.ndarray, title: str, vmin=0.0, vmax=1.0, cmap="viridis"):
     im = ax.imshow(grid, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set(xlabel="head", ylabel="block", title=title)
+    _integer_ticks(ax.xaxis)
+    _integer_ticks(ax.yaxis)
     if grid.shape[0] * grid.shape[1] <= 400:
         for (layer, head), value in np.ndenumerate(grid):
             ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=6,
@@ -166,7 +177,8 @@ def sink_share(report: Report, path: Path) -> Path:
     """Block × head heatmaps of the attention share landing on each token set (mean over inputs)."""
     plt = _plt()
     sets = sink_sets(report)
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 0.3 * report.depth + 2.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.8 * len(sets), 0.3 * report.depth + 2.5), squeeze=False,
+                             gridspec_kw={"wspace": 0.35})
     im = None
     for ax, (name, title) in zip(axes[0], sets, strict=True):
         im = _heatmap(ax, report.shares[name].mean(axis=0), f"share on {title}")
@@ -205,6 +217,8 @@ def ablation(ab, path: Path) -> Path:
     ax.plot(bx, [r["top_share_after"] for r in blocks], "s-", label="top sink, after")
     ax.plot(bx, [r["masked_share_before"] for r in blocks], "x:", label="removed tokens' share, before")
     ax.set(xlabel="block", ylabel="attention share (head mean)", title="attention sinks", ylim=(0, 1))
+    for ax in axes[:3]:
+        _integer_ticks(ax.xaxis)
     ax.legend(fontsize=7)
     delta = ab.after.shares["top"].mean(axis=0) - ab.before.shares["top"].mean(axis=0)
     bound = max(float(np.abs(delta).max()), 1e-6)

@@ -247,8 +247,10 @@ def _run(options: dict[str, Any]) -> int:
             started, t0 = rec.now(), time.perf_counter()
             before = analyze(loaded, inputs.items, **common)
             finished, seconds = rec.now(), time.perf_counter() - t0
-            for folder, full in targets:
-                write_report(before, folder, full=full, images=inputs.images)
+            written = write_report(before, targets[0][0], full=targets[0][1], images=inputs.images)
+            for folder, full in targets[1:]:
+                _copy_figures(written, folder)
+                write_report(before, folder, full=full, figures=False)
             _say(f"{loaded.name}{f' at {size_used} px' if size_used else ''}: {before.count} inputs → "
                  f"{', '.join(str(f) for f, _ in targets)}", before.verdict())
             settings = settings_of(before, image_size=size_used, device=options["device"], dtype=options["dtype"],
@@ -262,8 +264,10 @@ def _run(options: dict[str, Any]) -> int:
                 ab = ablate(loaded, inputs.items, kind, action=action, layers=options["layers"], before=before,
                             **common)
                 finished, seconds = rec.now(), time.perf_counter() - t0
-                for folder, _ in targets:
-                    write_ablation(ab, folder, images=inputs.images)
+                written = write_ablation(ab, targets[0][0], images=inputs.images)
+                for folder, _ in targets[1:]:
+                    _copy_figures(written, folder)
+                    write_ablation(ab, folder, figures=False)
                 _say(f"  ablation {ab.spec}", ab.verdict())
                 flops = _flops(loaded, inputs.items[0][1], ab.spec, options["device"], dtype)
                 all_results.append(result(before, task=inputs.task, settings=settings, flops=flops, started=started,
@@ -275,6 +279,16 @@ def _run(options: dict[str, Any]) -> int:
         assert results_dir is not None
         _publish(results_dir, publish, command=command, config=options["config"])
     return EXIT_OK
+
+
+def _copy_figures(written: list[Path], folder: Path) -> None:
+    """The figures just drawn for one target, copied into another (drawing them twice is the slow part)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in written:
+        if path.suffix == ".png":
+            shutil.copyfile(path, folder / path.name)
 
 
 def _say(head: str, lines: list[str]) -> None:
