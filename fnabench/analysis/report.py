@@ -248,6 +248,8 @@ class Report:
                 row[f"above_{threshold:g}x"] = float((ratio >= threshold).sum(axis=-1).mean())
             for p, name in enumerate(self.prefix_kinds):
                 row[f"ratio_{name}{p if name == 'register' else ''}"] = float(np.median(self.ratio[:, layer, p]))
+            if not self.prefix_kinds:
+                row["ratio_first"] = float(np.median(self.ratio[:, layer, 0]))
             if layer < self.depth:
                 for name in SHARE_SETS:
                     row[f"share_{name}"] = float(self.shares[name][:, layer].mean())

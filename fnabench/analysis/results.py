@@ -84,8 +84,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _layer_table(a: dict[str, Any]) -> str:
     prefix = a["prefix_kinds"]
-    own = [f"ratio_{k}{p if k == 'register' else ''}" for p, k in enumerate(prefix)]
-    own_names = [f"{k}{f' {p}' if k == 'register' else ''} ×median" for p, k in enumerate(prefix)]
+    own = [f"ratio_{k}{p if k == 'register' else ''}" for p, k in enumerate(prefix)] or ["ratio_first"]
+    own_names = [f"{k}{f' {p}' if k == 'register' else ''} ×median" for p, k in enumerate(prefix)] or \
+        ["first token ×median"]
     share = "share_prefix" if prefix else "share_first"
     header = ["state", "median norm", "max ×median (median / max over inputs)", "artifact / input",
               "massive / input", "largest \\|x\\|", *own_names,
