@@ -127,7 +127,9 @@ def _command(options: dict[str, Any]) -> str:
     """The analyze command as a README shows it: ``--config FILE`` and what the command line added, or every
     option that differs from its default (long names; output folders and machine settings left out)."""
     if options.get("config"):
-        parts = ["fnabench", "analyze", "--config", options["config"], *_flags(options["_given"], skip_defaults=False)]
+        given = options["_given"]
+        parts = ["fnabench", "analyze", "--config", options["config"], *given.get("models", []),
+                 *_flags(given, skip_defaults=False)]
     else:
         parts = ["fnabench", "analyze", *options["models"], *_flags(options, skip_defaults=True)]
     return " ".join(shlex.quote(p) for p in parts)
