@@ -182,7 +182,8 @@ def sink_share(report: Report, path: Path) -> Path:
     im = None
     for ax, (name, title) in zip(axes[0], sets, strict=True):
         im = _heatmap(ax, report.shares[name].mean(axis=0), f"share on {title}")
-    fig.suptitle(f"{report.model}: fraction of each head's attention mass (mean over queries and inputs)", fontsize=9)
+    fig.suptitle(f"{report.model}: fraction of each head's attention mass (mean over queries and inputs)", fontsize=9,
+                 y=1.02)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8)
     return _save(fig, path)

@@ -151,7 +151,7 @@ def tables(records: list[dict[str, Any]], figures: Callable[[dict], list[str]] |
              "queries and inputs).", ""]
     for (model, task, size, _), group in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][2]))):
         exact = [r for r in group if r["analysis"]["role"] == "analysis"]
-        ablations = sorted((r for r in group if r["analysis"]["role"] == "ablation"), key=lambda r: r["variant"])
+        ablations = sorted((r for r in group if r["analysis"]["role"] == "ablation"), key=_ablation_order)
         title = f"{model}" + (f" at {size} px" if size else "") + f" — {task}"
         lines += [f"## {title}", ""]
         for r in exact:
@@ -169,9 +169,18 @@ def tables(records: list[dict[str, Any]], figures: Callable[[dict], list[str]] |
             lines += [f"### Ablation: {what} removed as {ab['action']} (blocks `{ab['layers']}`)", "",
                       f"Variant `{r['variant']}`.", ""]
             lines += [f"- {v}" for v in ab["verdict"]] + [""]
-            lines += _figure_lines(r, figures)
-            lines += [_ablation_table(ab)]
+            if ab["masked_layers"]:  # (an ablation that removed nothing has nothing to tabulate)
+                lines += _figure_lines(r, figures)
+                lines += [_ablation_table(ab)]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _ablation_order(record: dict) -> tuple:
+    from .ablation import ABLATE_KINDS, ACTIONS
+
+    ab = record["analysis"]["ablation"]
+    return (ABLATE_KINDS.index(ab["kind"]) if ab["kind"] in ABLATE_KINDS else len(ABLATE_KINDS),
+            ACTIONS.index(ab["action"]) if ab["action"] in ACTIONS else len(ACTIONS), record["variant"])
 
 
 def _figure_lines(record: dict, figures: Callable[[dict], list[str]] | None) -> list[str]:
