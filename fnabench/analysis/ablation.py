@@ -163,6 +163,14 @@ class Ablation:
                      f"{m['emerged_tokens']:.2f} per input newly became {other}"
                      + (f"; the norms of the tokens that were {other} changed by ×{np.median(growth):.2f} (median)"
                         if growth else "") + ".")
+        moved = max((r for r in rows if "masked" in r), key=lambda r: abs(r["top_share_after"] - r["top_share_before"]))
+        if abs(moved["top_share_after"] - moved["top_share_before"]) >= 0.05:
+            token = moved["top_sink_after"]
+            removed = self.after.arrays["masked"][:, moved["layer"], token].mean() > 0.5
+            lines.append(f"The most attended token (head mean) changed most in block {moved['layer']}: token "
+                         f"{moved['top_sink_before']} with {moved['top_share_before']:.3f} of the attention before, "
+                         f"token {token}{' (a removed one)' if removed else ''} with {moved['top_share_after']:.3f} "
+                         "after.")
         lost = sum(r["lost"] for r in blocks)
         if not lost:
             lines.append(f"No head had its sink (≥ {self.before.thresholds.sink_share:g} of its attention on one "

@@ -5,7 +5,7 @@
 (every listed token of every input), ``activations.csv`` (every scalar meeting the massive criterion);
 with ``full``: ``token_norms.csv`` (input, state, token, norm, ratio, largest |activation| and its dim)
 and ``arrays.npz`` (every array of the report). An ablation adds ``ablation-KIND-ACTION.json/.csv`` and
-its figures.
+its figures (none when it removed nothing).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def write_ablation(ablation, out: Path, *, figures: bool = True, images: list | 
     stem = ablation_stem(ablation)
     written = [write_json(out / f"{stem}.json", ablation.summary()),
                write_csv(out / f"{stem}.csv", ablation.per_layer())]
-    if figures:
+    if figures and ablation.masked_layers.size:  # an ablation that removed nothing has nothing to draw
         from . import figures as fig
 
         written.append(fig.ablation(ablation, out / f"{stem}.png"))

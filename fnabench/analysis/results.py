@@ -117,7 +117,7 @@ def _kinds_table(a: dict[str, Any], inputs: int) -> str:
 def _ablation_table(ab: dict[str, Any]) -> str:
     other = ab["other"]
     header = ["state", "removed / input", "removed tokens' share before", f"{other} before", f"{other} after",
-              f"newly {other}", f"norm ×, tokens {other} before", "top sink share before → after",
+              f"newly {other}", f"norm ×, tokens {other} before", "top sink (head mean): share (token) before → after",
               "sinks on removed tokens: kept / taken over / spread", "new sinks (inputs·heads)", "new sinks were"]
     rows = []
     for r in ab["per_layer"]:
@@ -126,7 +126,8 @@ def _ablation_table(ab: dict[str, Any]) -> str:
             str(r["layer"]), _num(r.get("masked")) if block else "output",
             _num(r.get("masked_share_before")) if block else "", _num(r[f"{other}_before"]),
             _num(r[f"{other}_after"]), _num(r["emerged"]), _num(r["growth"]),
-            f"{_num(r['top_share_before'])} → {_num(r['top_share_after'])}" if block else "",
+            f"{_num(r['top_share_before'])} ({r['top_sink_before']}) → {_num(r['top_share_after'])} "
+            f"({r['top_sink_after']})" if block else "",
             f"{r['lost']}: {r['kept']} / {r['taken']} / {r['lost'] - r['kept'] - r['taken']}" if block else "",
             ", ".join(f"{p} ({c})" for p, c in r["new_sinks"]) if block else "",
             ", ".join(f"{k} {c}" for k, c in r["new_sink_kinds"].items()) if block else "",
