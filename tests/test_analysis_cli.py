@@ -130,6 +130,18 @@ def test_committed_analysis_leaderboard_regenerates_from_its_records(tmp_path, m
     records = read_records(copy / "records")
     models = {r["model"] for r in records}
     assert models == {"offline:dinov2-s", "recall:cpu@seed0"}
-    dino = [r for r in records if r["model"] == "offline:dinov2-s" and r["variant_short"] == "exact"]
-    assert dino and all(r["metrics"]["artifact_tokens"] == 0 and r["metrics"]["massive_tokens"] == 0 for r in dino)
-    assert all(r["analysis"]["verdict"][0].startswith("No outlier tokens") for r in dino)
+    # what description.md says of them, held to the records
+    exact = [r for r in records if r["variant_short"] == "exact"]
+    assert len(exact) == 3 and all(r["metrics"]["artifact_tokens"] == 0 and r["metrics"]["massive_tokens"] == 0
+                                   and r["analysis"]["verdict"][0].startswith("No outlier tokens") for r in exact)
+    ablations = {(r["model"], r["settings"]["image_size"], r["analysis"]["ablation"]["kind"],
+                  r["analysis"]["ablation"]["action"]): r["metrics"] for r in records if r["variant_short"] != "exact"}
+    assert len(ablations) == 18
+    for (_, _, kind, _), m in ablations.items():
+        if kind == "massive":  # none to remove anywhere: nothing changes
+            assert m["masked_tokens"] == 0 and m["cos_sim"] == pytest.approx(1, abs=1e-9)
+    for size in (224, 448):  # DINOv2: CLS removed as a key costs more than its values zeroed; its sinks spread
+        keys, values = (ablations[("offline:dinov2-s", size, "first", a)] for a in ("keys", "values"))
+        assert keys["cos_sim"] < values["cos_sim"] < 0.99 and keys["takeover_percent"] < 2
+    keys, values = (ablations[("recall:cpu@seed0", None, "first", a)] for a in ("keys", "values"))
+    assert values["cos_sim"] < keys["cos_sim"] < 0.99 and keys["takeover_percent"] == 0  # the GPT-2: the reverse
