@@ -14,6 +14,8 @@ import sys
 from .._argparse import OneLineParser
 from .._errors import EXIT_FOUND, EXIT_OK, UserError, guarded, one_line
 from . import config as cfg
+from .analyze_cli import add_parser as _add_analyze
+from .analyze_cli import cmd_analyze
 from .leaderboard import FORMATS
 from .records import output_path, require_records
 from .registry import MODELS, TASKS, VARIANTS
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_results_commands(sub)
     _mount_recall(sub)
+    _add_analyze(sub)
     return parser
 
 
@@ -213,7 +216,7 @@ def _task_options_line(key: str, indent: int) -> str:
 
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "publish": cmd_publish, "baseline": cmd_baseline,
-            "check": cmd_check, "list": cmd_list}
+            "check": cmd_check, "list": cmd_list, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:
