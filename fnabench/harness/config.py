@@ -54,6 +54,8 @@ class SweepConfig:
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: metric columns the printed and published tables show (the primary always); records keep every metric
     table_metrics: list[str] | None = None
+    #: where the cells run: the ``[executor]`` table (fnabench.harness.executor: this process, local jobs, SLURM)
+    executor: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # where the config came from (for records and publish)
 
     @property
@@ -100,6 +102,7 @@ _SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
     "timing_repeats": ((int,), "an integer >= 1"), "timing_warmup": ((int,), "an integer >= 0"),
     "offline": ((bool,), "true or false"), "out": ((str, type(None)), "a folder path (string)"),
     "task_options": ((dict,), "a table of tables, one per task"),
+    "executor": ((dict,), "a table ([executor]: kind, partition, gpus_per_job, ...)"),
 }
 
 
@@ -183,8 +186,15 @@ def validate(config: SweepConfig, where: str = "") -> SweepConfig:
             raise ConfigError(f"{where}{err}") from None
     if config.dtype not in DTYPES:
         raise ConfigError(f"{where}unknown dtype {config.dtype!r}; accepted: {', '.join(DTYPES)}")
+    from .executor import parse_executor
+
     try:
-        check_device(config.device)
+        executor = parse_executor(config.executor)
+        # a SLURM sweep is submitted from a login node without the GPUs its jobs get; each job checks its own
+        remote_gpu = executor.kind == "slurm" and (config.device == "cuda" or (
+            config.device.startswith("cuda:") and config.device[5:].isdigit()))
+        if not remote_gpu:
+            check_device(config.device)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
     for key in ("batch_size", "timing_repeats"):
