@@ -56,6 +56,14 @@ BAD_CONFIGS = [
     ("unknown recall preset", 'models = ["recall:nope"]\ntasks = ["recall:none"]',
      "neither a run folder nor a preset"),
     ("unknown table metric", 'table_metrics = ["top1", 3]', "'table_metrics': 3 is not a str"),
+    # the [executor] table (fnabench.harness.executor)
+    ("executor not a table", 'executor = "slurm"', "'executor' = 'slurm' is a str; accepted: a table"),
+    ("unknown executor key", '[executor]\nqueue = "gpu"', "unknown [executor] key 'queue'; accepted: kind"),
+    ("unknown executor kind", '[executor]\nkind = "k8s"', "kind = 'k8s' is not accepted; accepted: one of"),
+    ("negative cells per job", "[executor]\ncells_per_job = -1", "cells_per_job = -1 is not accepted; accepted:"),
+    ("string for gpus per job", '[executor]\ngpus_per_job = "2"', "gpus_per_job = '2' is not accepted"),
+    ("zero time limit", "[executor]\ntime_min = 0", "time_min = 0 is not accepted; accepted: an integer >= 1"),
+    ("setup not a list", '[executor]\nsetup = "module load cuda"', "setup = 'module load cuda' is not"),
 ]
 
 
@@ -77,6 +85,11 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "afile.txt").write_text("not a folder\n")
     (ws / "bad.json").write_text("{not json")
     (ws / "empty").mkdir()
+    (ws / "bogus.toml").write_text(SWEEP + "bogus = 1\n")
+    (ws / "tuned").mkdir()  # a tune of other settings lives here
+    from fnabench.harness.tune import TuneSpec, validate
+
+    (ws / "tuned" / "tune.toml").write_text(validate(TuneSpec("tiny:vit", "knn:digits", blocks=["all"])).to_toml())
     record = next((ws / "results").glob("*.json"))
     shutil.copyfile(record, ws / "record.json")  # a record where a baseline is expected
     for name, extra, _ in BAD_CONFIGS:
@@ -133,6 +146,37 @@ COMMANDS = [
     (["run", "sweep.toml", "--out", "results", "--variants", "fna:m=8,layers=50"], "selects no block"),
     (["run", "sweep.toml", "--out", "results", "--tasks", "fidelity:synth"], "unknown fidelity source"),
     (["run", "sweep.toml", "--out", "results", "--batch-size", "many"], "invalid int value: 'many'"),
+    (["run", "sweep.toml", "--out", "results", "--executor", "k8s"], "invalid choice: 'k8s'"),
+    (["run", "sweep.toml", "--out", "results", "--executor", "slurm"], "sbatch/srun not found on PATH"),
+    (["run", "sweep.toml", "--out", "results", "--wait", "--no-wait"], "not allowed with argument --wait"),
+    # status
+    (["status", "missing"], "no results at 'missing'"),
+    (["status", "afile.txt"], "no results at 'afile.txt'"),
+    (["status", "results", "missing.toml"], "config file 'missing.toml' not found"),
+    (["status", "results", "bogus.toml"], "unknown config key 'bogus'"),
+    # tune: every flag checked before any cell runs (model loads at most, to check --blocks against its depth)
+    (["tune", "nope:x", "knn:digits"], "unknown model 'nope:x'; accepted:"),
+    (["tune", "tiny:vit", "knn:nope"], "unknown knn dataset 'nope'"),
+    (["tune", "tiny:vit", "knn:digits", "--budget", "-1"], "--budget -1.0: accepted: a number >= 0"),
+    (["tune", "tiny:vit", "knn:digits", "--budget", "nan"], "--budget nan: accepted: a number >= 0"),
+    (["tune", "tiny:vit", "knn:digits", "--max-cells", "1"], "--max-cells 1: accepted: an integer >= 2"),
+    (["tune", "tiny:vit", "knn:digits", "--m", "0,16"], "--m 0,16: accepted: integers >= 1"),
+    (["tune", "tiny:vit", "knn:digits", "--m", "a"], "--m 'a': accepted: comma-separated integers"),
+    (["tune", "tiny:vit", "knn:digits", "--landmarks", "kmeans"], "--landmarks 'kmeans': accepted: fps, random, norm"),
+    (["tune", "tiny:vit", "knn:digits", "--pinv", "svd"], "--pinv 'svd': accepted: ridge, newton, exact"),
+    (["tune", "tiny:vit", "knn:digits", "--blocks", "all,0"], "--blocks '0': accepted: 'all' or a number >= 1"),
+    (["tune", "tiny:vit", "knn:digits", "--blocks", "20", "--out", "t1"], "--blocks 20: tiny:vit has 6 blocks"),
+    (["tune", "tiny:vit", "knn:digits", "--task-option", "k=-3"], "knn:digits: option k = -3 is not accepted"),
+    (["tune", "tiny:vit", "knn:digits", "--task-option", "kk"], "--task-option 'kk': accepted: KEY=VALUE"),
+    (["tune", "tiny:vit", "knn:digits", "--proxy", "fidelity:synth"], "unknown fidelity source 'synth'"),
+    (["tune", "tiny:vit", "knn:digits", "--proxy", "knn:digits"], "is the task itself; accepted: a cheaper task"),
+    (["tune", "tiny:vit", "knn:digits", "--proxy-images", "0"], "--proxy-images 0: accepted: an integer >= 1"),
+    (["tune", "tiny:vit", "knn:digits", "--default", "fna:q=1"], "--default: unknown key 'q' for 'fna'"),
+    (["tune", "tiny:vit", "knn:digits", "--image-size", "4"], "image size 4 is too small"),
+    (["tune", "tiny:vit", "knn:digits", "--threads", "0"], "--threads 0: accepted: an integer >= 1"),
+    (["tune", "tiny:vit", "knn:digits", "--out", "afile.txt"], "results folder 'afile.txt' is a file"),
+    (["tune", "tiny:vit", "knn:digits", "--budget", "2", "--out", "tuned"],
+     "tuned holds a tune with other settings (budget = 1.0); accepted: the same settings"),
     # leaderboard
     (["leaderboard", "missing"], "no results at 'missing'"),
     (["leaderboard", "empty"], "no records under 'empty'"),
