@@ -175,7 +175,8 @@ def test_status_names_done_failed_running_and_missing_cells(tmp_path, capsys):
         held.release()
     assert "3 cells: 1 done, 1 failed, 1 running, 0 missing" in out
     assert "FloatingPointError: non-finite fidelity metrics" in out and f"pid {os.getpid()}" in out
-    assert f"tiny:vit @32px | {grid[0].variant} | fidelity:synthetic" in out
+    assert "tiny:vit @32px | exact | fidelity:synthetic: FloatingPointError" in out
+    assert "tiny:vit @32px | fna:layers=-2:,m=4 | fidelity:synthetic: " in out  # the running one, named
     assert main(["status", str(res)]) == 1
     assert "1 done, 1 failed, 0 running, 1 missing" in capsys.readouterr().out
     # without a sweep config the grid is unknown: it says so, and counts what records and claims show

@@ -176,8 +176,10 @@ def _write_temp(folder: Path, owner: dict[str, Any]) -> Path:
 
 
 def try_claim(results: str | os.PathLike, cell_id: str, *, stale_after: float = STALE_AFTER_S,
-              heartbeat: float = HEARTBEAT_S) -> Claim | None:
+              heartbeat: float = HEARTBEAT_S, label: str | None = None) -> Claim | None:
     """Take the claim on ``cell_id`` in ``results``: a :class:`Claim`, or None while a live runner holds it.
+
+    ``label`` (what the cell is, in words) is kept in the claim for ``fnabench status``.
 
     A stale claim is taken over (module docstring). The caller must still check that the cell was not
     finished meanwhile (its record written and the claim released just before this call).
@@ -186,7 +188,7 @@ def try_claim(results: str | os.PathLike, cell_id: str, *, stale_after: float = 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{cell_id}.claim"
     for _ in range(5):  # a claim that vanishes between our looks is retried, a few times
-        owner = {**_owner(), "cell": cell_id, "heartbeat_s": heartbeat}
+        owner = {**_owner(), "cell": cell_id, "label": label, "heartbeat_s": heartbeat}
         tmp = _write_temp(folder, owner)
         try:
             try:

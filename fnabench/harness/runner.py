@@ -72,6 +72,12 @@ def cells(config: SweepConfig) -> list[rec.Cell]:
     return out
 
 
+def cell_label(cell: rec.Cell) -> str:
+    """A cell in words, as tables name it: ``model @SIZEpx | variant | task``."""
+    size, variant = cell.setting("image_size"), _short(parse_variant(cell.variant), cell.model)
+    return f"{cell.model}{f' @{size}px' if size else ''} | {variant} | {cell.task}"
+
+
 def _progress_factory(quiet: bool) -> Callable[[Iterable, str, int | None], Iterable]:
     if quiet:
         return lambda it, desc, total: it
@@ -162,7 +168,7 @@ class Runner:
         """Claim ``cell`` for this runner; False (and the cell left alone) if another runner holds it or has
         just written its record (an ``ok`` one, or a failure written after this runner started)."""
         self._release()
-        claim = claims.try_claim(self.out, cell.id, stale_after=self.stale_after)
+        claim = claims.try_claim(self.out, cell.id, stale_after=self.stale_after, label=cell_label(cell))
         if claim is None:
             summary.elsewhere.append(cell.id)
             return False

@@ -30,9 +30,9 @@ class CellStatus:
     detail: str = ""
 
 
-def _label(model: str, variant: str, task: str, settings: dict) -> str:
-    size = settings.get("image_size")
-    return f"{model}{f' @{size}px' if size else ''} | {variant} | {task}"
+def _record_label(r: dict) -> str:
+    size = r["settings"].get("image_size")
+    return f"{r['model']}{f' @{size}px' if size else ''} | {r['variant_short']} | {r['task']}"
 
 
 def _submissions(results: Path) -> dict[str, str]:
@@ -60,12 +60,12 @@ def collect(results: str | Path, config=None, *, stale_after: float = claims.STA
     held = claims.list_claims(results)
     queued = _submissions(results)
     if config is not None:
-        from .runner import cells
+        from .runner import cell_label, cells
 
-        grid = {c.id: _label(c.model, c.variant, c.task, dict(c.settings)) for c in cells(config)}
+        grid = {c.id: cell_label(c) for c in cells(config)}
     else:
-        grid = {rid: _label(r["model"], r["variant"], r["task"], r["settings"]) for rid, r in records.items()}
-        grid.update({cid: f"cell {cid}" for cid in held if cid not in grid})
+        grid = {rid: _record_label(r) for rid, r in records.items()}
+        grid.update({cid: info.owner.get("label") or f"cell {cid}" for cid, info in held.items() if cid not in grid})
     out = []
     for cid, label in grid.items():
         record, claim = records.get(cid), held.get(cid)

@@ -189,13 +189,19 @@ def validate(spec: TuneSpec) -> TuneSpec:
 
 
 def _sweep(spec: TuneSpec, variants: list[str], task: str, limit: int | None, options: dict, out: Path):
-    """The sweep config of one tune step (validated like any config: a bad name is one line)."""
+    """The sweep config of one tune step (validated like any config: a bad name is one line).
+
+    Proxy cells are timed in one round without warm-up: their speed is not what they are for, and timing
+    would otherwise cost more than the proxy itself (timing is not part of a cell's identity).
+    """
     from .config import SweepConfig
     from .config import validate as validate_config
 
+    proxy = task == spec.proxy
     config = SweepConfig(name="tune", models=[spec.model], variants=variants, tasks=[task],
                          image_sizes=[spec.image_size], seeds=[spec.seed], batch_size=spec.batch_size,
-                         device=spec.device, dtype=spec.dtype, limit=limit, timing_repeats=spec.timing_repeats,
+                         device=spec.device, dtype=spec.dtype, limit=limit,
+                         timing_repeats=1 if proxy else spec.timing_repeats, timing_warmup=0 if proxy else 1,
                          offline=spec.offline, out=str(out), task_options={task: dict(options)} if options else {})
     return validate_config(config)
 
