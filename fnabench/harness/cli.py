@@ -153,6 +153,8 @@ def _cmd_run_jobs(config, args) -> int:
     records = read_records(result.out, strict=False) if result.out.is_dir() else []
     if (result.waited or not result.jobs) and records:
         print(render(records, args.format, metrics=config.table_metrics))
+        if config.description and args.format in ("github", "markdown"):
+            print(config.description.strip() + "\n")
     print(result.line())
     return EXIT_OK if result.ok else EXIT_FOUND
 

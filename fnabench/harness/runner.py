@@ -141,6 +141,7 @@ class Runner:
         set_offline(config.offline)
         rec.output_path(self.out, "results folder", folder=True, create=False)
         summary = SweepSummary(self.out)
+        self._started = rec.now()  # a failure recorded after this moment is another runner's fresh attempt
         existing = rec.read_records(self.out, strict=False) if self.out.is_dir() else []
         self._done = {r["id"]: r for r in existing if r["status"] == "ok"}
         grid = [c for c in cells(config) if self.only is None or c.id in self.only]
@@ -155,7 +156,6 @@ class Runner:
         progress = _progress_factory(self.quiet)
         bar_iter = iter(progress(todo, f"sweep {config.name}", len(todo)))
         env = rec.environment(config.device)
-        self._started = rec.now()
         try:
             for (model_name, size), group in groups.items():
                 self._run_model(model_name, size, group, env, summary, progress, bar_iter,
