@@ -123,3 +123,32 @@ def test_a_rerun_resumes_without_redoing_cells_and_the_report_comes_from_the_rec
     assert (out / REPORT_FILE).read_text().strip() == report.strip() == render_report(spec, state, names).strip()
     assert state.best() is not None and state.within(state.best())
     assert "**Hand-picked default** `fna:m=64`" in report
+
+
+def test_committed_tune_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/tune-dinov2s-knn (a tune of the real offline DINOv2-S on knn:digits): its report and README
+    come from its records alone, and the search it reports is one the rule would have made."""
+    from test_leaderboard import _republished
+
+    src = Path(__file__).resolve().parents[1] / "leaderboards" / "tune-dinov2s-knn"
+    records = _republished("tune-dinov2s-knn", tmp_path, monkeypatch)
+    spec = load_spec(src / "config.toml")
+    state, names = state_from_records(spec, records)
+    assert (src / "description.md").read_text().strip() == render_report(spec, state, names).strip()
+    assert all(r["status"] == "ok" for r in records) and spec.model == "offline:dinov2-s"
+    task = state.evaluated()
+    assert len(task) <= spec.max_cells and {state.exact, state.default} <= {p.variant for p in task}
+    # every setting cheaper than exact had its proxy; none dearer than exact was run
+    exact = state.points[state.exact]
+    assert all(p.proxy is not None for p in state.points.values() if p.gflops < exact.gflops)
+    assert all(p.gflops < exact.gflops for p in task if p.variant not in (state.exact, state.default))
+    best = state.best()
+    assert best is not None and state.within(best) and best.gflops < exact.gflops
+    # replayed from scratch, the rule picks exactly the settings the records hold, in some order it can explain
+    known = {p.variant: p.task for p in task}
+    for p in state.points.values():
+        p.task = None
+    for _ in known:
+        point, _why = state.next()
+        assert point.variant in known, f"the rule would run {point.variant}, which the records do not have"
+        point.task = known[point.variant]

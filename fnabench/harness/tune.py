@@ -538,6 +538,9 @@ def render_report(spec: TuneSpec, state: State, names: dict[str, str]) -> str:
             diff = best.gflops - default.gflops
             lines.append(f"Tune's pick costs {abs(diff):.3g} GFLOPs per item {'less' if diff < 0 else 'more'} "
                          f"than the default ({_fmt(100 * diff / default.gflops, 3, sign=True)} %).")
+            if diff >= 0 and not state.within(default):
+                lines.append("The default is cheaper but outside the budget, and no setting tried that costs as "
+                             "little as the default stayed within it.")
     ses = [standard_error(p.record, metric) for p in evaluated if p.record]
     ses = [s for s in ses if s]
     if ses and spec.budget < max(ses):
