@@ -179,8 +179,24 @@ def test_status_names_done_failed_running_and_missing_cells(tmp_path, capsys):
     assert "tiny:vit @32px | fna:layers=-2:,m=4 | fidelity:synthetic: " in out  # the running one, named
     assert main(["status", str(res)]) == 1
     assert "1 done, 1 failed, 0 running, 1 missing" in capsys.readouterr().out
+    # a GPU sweep's status can be read where there is no GPU (its cells are other cells: the device is in their id)
+    (res / "sweep.toml").write_text(TINY_SWEEP + 'device = "cuda"\n')
+    assert main(["status", str(res)]) == 1
+    out = capsys.readouterr().out
+    assert "3 cells: 0 done, 0 failed, 0 running, 3 missing" in out and "2 records in the folder belong" in out
     # without a sweep config the grid is unknown: it says so, and counts what records and claims show
     (res / "sweep.toml").unlink()
     assert main(["status", str(res)]) == 1
     out = capsys.readouterr().out
     assert "2 cells: 1 done, 1 failed, 0 running" in out and "pass CONFIG" in out
+
+
+def test_without_the_cluster_extra_an_executor_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    (tmp_path / "sweep.toml").write_text(TINY_SWEEP)
+    code = main(["run", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "res"), "--executor", "local"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "pip install 'fnabench[cluster]'" in err
+    assert not (tmp_path / "res").exists()

@@ -106,7 +106,7 @@ _SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def from_dict(data: dict[str, Any], source: str | None = None) -> SweepConfig:
+def from_dict(data: dict[str, Any], source: str | None = None, *, here: bool = True) -> SweepConfig:
     """Build and validate a config from parsed TOML (or any dict with the same keys)."""
     where = f"{source}: " if source else ""
     values: dict[str, Any] = {}
@@ -122,7 +122,7 @@ def from_dict(data: dict[str, Any], source: str | None = None) -> SweepConfig:
                 values[key] = _as_list(key, values[key], kind)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
-    return validate(SweepConfig(**values, source=source), where)
+    return validate(SweepConfig(**values, source=source), where, here=here)
 
 
 def _check_types(config: SweepConfig, where: str) -> None:
@@ -149,7 +149,7 @@ def check_device(device: str) -> str:
     return device
 
 
-def validate(config: SweepConfig, where: str = "") -> SweepConfig:
+def validate(config: SweepConfig, where: str = "", *, here: bool = True) -> SweepConfig:
     """Check every name, type and value now, so no cell fails for a typo.
 
     Tasks are built here (not prepared): that checks their suffix and every option against what
@@ -193,7 +193,7 @@ def validate(config: SweepConfig, where: str = "") -> SweepConfig:
         # a SLURM sweep is submitted from a login node without the GPUs its jobs get; each job checks its own
         remote_gpu = executor.kind == "slurm" and (config.device == "cuda" or (
             config.device.startswith("cuda:") and config.device[5:].isdigit()))
-        if not remote_gpu:
+        if here and not remote_gpu:  # here=False: only read (fnabench status), not run on this machine
             check_device(config.device)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
@@ -214,7 +214,7 @@ def validate(config: SweepConfig, where: str = "") -> SweepConfig:
     return config
 
 
-def load(path: str | Path | None = None) -> SweepConfig:
+def load(path: str | Path | None = None, *, here: bool = True) -> SweepConfig:
     """Read a TOML sweep config; ``None`` reads the packaged offline default sweep."""
     if path is None:
         text = resources.files("fnabench.harness").joinpath(DEFAULT_CONFIG).read_text()
@@ -228,7 +228,7 @@ def load(path: str | Path | None = None) -> SweepConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: invalid TOML ({err})") from None
-    return from_dict(data, source)
+    return from_dict(data, source, here=here)
 
 
 def override(config: SweepConfig, **changes: Any) -> SweepConfig:

@@ -114,7 +114,7 @@ def command(args) -> int:
     if not results.is_dir():
         raise rec.RecordError(f"no results at {str(results)!r}: expected a results folder that `fnabench run` wrote")
     source = args.config or (results / "sweep.toml" if (results / "sweep.toml").is_file() else None)
-    config = cfg.load(source) if source else None
+    config = cfg.load(source, here=False) if source else None  # a GPU sweep's status is read anywhere
     stale_after = parse_executor(config.executor).stale_after_s if config else claims.STALE_AFTER_S
     statuses = collect(results, config, stale_after=stale_after)
     others = 0
