@@ -150,6 +150,48 @@ def test_a_runner_that_lost_its_claim_drops_its_result(tmp_path):
     assert not (tmp_path / "r" / f"{cell.id}.json").exists() and summary.elsewhere == [cell.id]
 
 
+
+def _failed(cell_id: str, finished: str, duration_s: float) -> dict:
+    """A failed record of ``cell_id`` as another runner (or an earlier run) wrote it."""
+    return {"schema": rec.SCHEMA_VERSION, "id": cell_id, "status": "failed", "model": "tiny:vit", "variant": "exact",
+            "variant_short": "exact", "task": "fidelity:synthetic", "settings": {}, "metrics": {},
+            "primary_metric": None, "higher_is_better": {}, "flops": None, "timing": None, "peak_memory_bytes": None,
+            "environment": {}, "seed": 0, "started": finished, "finished": finished, "duration_s": duration_s,
+            "error": "RuntimeError: boom"}
+
+
+def test_a_failure_found_at_start_is_retried_and_one_written_meanwhile_is_left_alone(tmp_path):
+    """Which failures are retried is decided by what the folder held when the runner started, not by clocks:
+    a failure stamped in this very second, or ahead of this host's clock (another node's), is still retried;
+    a failure another runner writes while this one runs is that runner's fresh attempt and is left alone."""
+    from fnabench.harness import config as cfg
+    from fnabench.harness.runner import Runner, cells
+
+    (tmp_path / "s.toml").write_text(TINY_SWEEP)
+    config = cfg.override(cfg.load(tmp_path / "s.toml"), out=str(tmp_path / "r"))
+    out = tmp_path / "r"
+    out.mkdir()
+    now_cell, ahead_cell, meanwhile_cell = cells(config)
+    rec.write_record(out, _failed(now_cell.id, rec.now(), 0.5))  # the same second the runner starts in
+    rec.write_record(out, _failed(ahead_cell.id, "2999-01-01T00:00:00+00:00", 0.5))  # a node whose clock runs ahead
+    (out / "copy").mkdir()  # an older copy of the same cell's record in a subfolder changes nothing
+    rec.write_record(out / "copy", _failed(now_cell.id, "2000-01-01T00:00:00+00:00", 9.0))
+    late = _failed(meanwhile_cell.id, rec.now(), 0.25)
+
+    class Racing(Runner):
+        def _load(self, name, size):  # while this runner loads its model, another one fails a cell
+            rec.write_record(out, late)
+            return super()._load(name, size)
+
+    summary = Racing(config, quiet=True, log=lambda s: None).run()
+    assert sorted(summary.ran) == sorted([now_cell.id, ahead_cell.id]) and summary.elsewhere == [meanwhile_cell.id]
+    assert all(rec.read_records(out / f"{c.id}.json")[0]["status"] == "ok" for c in (now_cell, ahead_cell))
+    assert rec.read_records(out / f"{meanwhile_cell.id}.json")[0] == late  # the other runner's record stands
+    assert claims.list_claims(out) == {}
+    # the next run finds that failure at its start, so it retries it
+    assert Runner(config, quiet=True, log=lambda s: None).run().ran == [meanwhile_cell.id]
+
+
 SIX_VARIANTS = TINY_SWEEP.replace('variants = ["fna:m=4,layers=-2:", "exact", "nystrom:m=4"]',
                                   'variants = ["exact", "fna:m=4", "fna:m=6", "fna:m=8", "nystrom:m=4", "nystrom:m=8", '
                                   '"fna:m=4,landmarks=random", "mask:tokens=all"]')

@@ -125,7 +125,7 @@ class Runner:
         self.only = set(only) if only is not None else None  # run just these cell ids (one job's share)
         self.stale_after = stale_after
         self._claim: claims.Claim | None = None
-        self._started = rec.now()
+        self._seen: dict[str, set[tuple]] = {}  # by cell id: the runs whose records were there at the start
         self._flops: dict[tuple, dict] = {}
         self._kv: dict[tuple, dict] = {}  # decoder cells: KV cache after prefill and one decoding step
         self._timings: dict[tuple, tuple[dict, int]] = {}
@@ -141,8 +141,10 @@ class Runner:
         set_offline(config.offline)
         rec.output_path(self.out, "results folder", folder=True, create=False)
         summary = SweepSummary(self.out)
-        self._started = rec.now()  # a failure recorded after this moment is another runner's fresh attempt
         existing = rec.read_records(self.out, strict=False) if self.out.is_dir() else []
+        self._seen = {}
+        for r in existing:  # a set: a folder may hold copies of a cell's record in subfolders
+            self._seen.setdefault(r["id"], set()).add(_stamp(r))
         self._done = {r["id"]: r for r in existing if r["status"] == "ok"}
         grid = [c for c in cells(config) if self.only is None or c.id in self.only]
         todo = [c for c in grid if self.retime or c.id not in self._done]
@@ -166,7 +168,8 @@ class Runner:
 
     def _take(self, cell: rec.Cell, summary: SweepSummary) -> bool:
         """Claim ``cell`` for this runner; False (and the cell left alone) if another runner holds it or has
-        just written its record (an ``ok`` one, or a failure written after this runner started)."""
+        just written its record (an ``ok`` one, or a failure other than the one this runner found: a fresh
+        attempt by another runner, not one to retry)."""
         self._release()
         claim = claims.try_claim(self.out, cell.id, stale_after=self.stale_after, label=cell_label(cell))
         if claim is None:
@@ -177,7 +180,7 @@ class Runner:
                 now = rec.read_records(self.out / f"{cell.id}.json")[0]
             except (FileNotFoundError, rec.RecordError, IndexError):
                 now = None
-            if now is not None and (now["status"] == "ok" or now["finished"] >= self._started):
+            if now is not None and (now["status"] == "ok" or _stamp(now) not in self._seen.get(cell.id, ())):
                 claim.release()
                 summary.elsewhere.append(cell.id)
                 return False
@@ -394,6 +397,11 @@ class Runner:
         if record["status"] != "ok":
             self.log(f"cell failed: {record['model']} | {record['variant_short']} | {record['task']}: "
                      f"{record['error']}")
+
+
+def _stamp(record: dict) -> tuple:
+    """What tells one run of a cell from another: when it started and finished, and how long it took."""
+    return record["started"], record["finished"], record["duration_s"]
 
 
 def _fallback_layers(handle) -> dict | None:
