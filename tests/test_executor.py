@@ -76,6 +76,7 @@ def _one_thread_records(out: Path) -> dict[str, dict]:
 def test_local_executor_in_several_jobs_writes_the_records_one_process_writes(tmp_path, capsys):
     """The must-show: 2 submitit jobs (real subprocesses, run at once) give the same cells, metrics and FLOPs as
     one process; a rerun submits only the cell whose record went missing; nothing to submit once all are done."""
+    pytest.importorskip("submitit")
     executor = '\n[executor]\nkind = "local"\ncells_per_job = 5\ncpus_per_job = 1\narray_parallelism = 2\n'
     (tmp_path / "jobs.toml").write_text(SWEEP + executor)
     (tmp_path / "one.toml").write_text(SWEEP)
