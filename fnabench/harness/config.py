@@ -54,6 +54,8 @@ class SweepConfig:
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: metric columns the printed and published tables show (the primary always); records keep every metric
     table_metrics: list[str] | None = None
+    #: where the cells run: the ``[executor]`` table (fnabench.harness.executor: this process, local jobs, SLURM)
+    executor: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # where the config came from (for records and publish)
 
     @property
@@ -100,10 +102,11 @@ _SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
     "timing_repeats": ((int,), "an integer >= 1"), "timing_warmup": ((int,), "an integer >= 0"),
     "offline": ((bool,), "true or false"), "out": ((str, type(None)), "a folder path (string)"),
     "task_options": ((dict,), "a table of tables, one per task"),
+    "executor": ((dict,), "a table ([executor]: kind, partition, gpus_per_job, ...)"),
 }
 
 
-def from_dict(data: dict[str, Any], source: str | None = None) -> SweepConfig:
+def from_dict(data: dict[str, Any], source: str | None = None, *, here: bool = True) -> SweepConfig:
     """Build and validate a config from parsed TOML (or any dict with the same keys)."""
     where = f"{source}: " if source else ""
     values: dict[str, Any] = {}
@@ -119,7 +122,7 @@ def from_dict(data: dict[str, Any], source: str | None = None) -> SweepConfig:
                 values[key] = _as_list(key, values[key], kind)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
-    return validate(SweepConfig(**values, source=source), where)
+    return validate(SweepConfig(**values, source=source), where, here=here)
 
 
 def _check_types(config: SweepConfig, where: str) -> None:
@@ -146,7 +149,7 @@ def check_device(device: str) -> str:
     return device
 
 
-def validate(config: SweepConfig, where: str = "") -> SweepConfig:
+def validate(config: SweepConfig, where: str = "", *, here: bool = True) -> SweepConfig:
     """Check every name, type and value now, so no cell fails for a typo.
 
     Tasks are built here (not prepared): that checks their suffix and every option against what
@@ -183,8 +186,15 @@ def validate(config: SweepConfig, where: str = "") -> SweepConfig:
             raise ConfigError(f"{where}{err}") from None
     if config.dtype not in DTYPES:
         raise ConfigError(f"{where}unknown dtype {config.dtype!r}; accepted: {', '.join(DTYPES)}")
+    from .executor import parse_executor
+
     try:
-        check_device(config.device)
+        executor = parse_executor(config.executor)
+        # a SLURM sweep is submitted from a login node without the GPUs its jobs get; each job checks its own
+        remote_gpu = executor.kind == "slurm" and (config.device == "cuda" or (
+            config.device.startswith("cuda:") and config.device[5:].isdigit()))
+        if here and not remote_gpu:  # here=False: only read (fnabench status), not run on this machine
+            check_device(config.device)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
     for key in ("batch_size", "timing_repeats"):
@@ -204,7 +214,7 @@ def validate(config: SweepConfig, where: str = "") -> SweepConfig:
     return config
 
 
-def load(path: str | Path | None = None) -> SweepConfig:
+def load(path: str | Path | None = None, *, here: bool = True) -> SweepConfig:
     """Read a TOML sweep config; ``None`` reads the packaged offline default sweep."""
     if path is None:
         text = resources.files("fnabench.harness").joinpath(DEFAULT_CONFIG).read_text()
@@ -218,7 +228,7 @@ def load(path: str | Path | None = None) -> SweepConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: invalid TOML ({err})") from None
-    return from_dict(data, source)
+    return from_dict(data, source, here=here)
 
 
 def override(config: SweepConfig, **changes: Any) -> SweepConfig:

@@ -136,6 +136,8 @@ def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
     results_dir = Path(results_dir)
     records = sorted(latest_by_cell(require_records(results_dir)), key=lambda r: r["id"])
     config = Path(config_path) if config_path is not None else results_dir / "sweep.toml"
+    if config_path is None and not config.is_file() and (results_dir / "tune.toml").is_file():
+        config = results_dir / "tune.toml"  # the records of `fnabench tune`: its settings are their config
     if config_path is not None and not config.is_file():
         raise RecordError(f"sweep config {str(config)!r} not found; accepted: an existing TOML file")
     described = Path(description_path) if description_path is not None else results_dir / DESCRIPTION

@@ -5,7 +5,8 @@ counted and latency measured once per (model, variant, input shape) — tasks sh
 cell is written the moment it finishes. Latency is timed interleaved with exact attention on the
 same batch, so each record carries a speed-up that load drifting between cells cannot skew.
 A crash in one cell is recorded in that cell's record and the sweep goes on; a rerun skips cells
-whose record says ``ok``.
+whose record says ``ok``. Each cell is claimed while it runs (:mod:`.claims`), so runners sharing a
+results folder (two shells, or the jobs of ``--executor local|slurm``) never run the same cell twice.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..adapters.loading import ModelInputError, set_offline
 from ..measure import count_flops, measure_interleaved, peak_memory
 from ..tasks.base import Settings
 from ..variants import SpecError, Variant, parse_variant
+from . import claims
 from . import records as rec
 from .config import ConfigError, SweepConfig
 from .leaderboard import EXACT_REFERENCE, paired_speedup
@@ -41,6 +43,7 @@ class SweepSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     retimed: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # cells another runner held, or finished meanwhile
 
     @property
     def ok(self) -> bool:
@@ -48,8 +51,9 @@ class SweepSummary:
 
     def line(self) -> str:
         retimed = f", {len(self.retimed)} retimed" if self.retimed else ""
-        return (f"{len(self.ran)} cells run, {len(self.skipped)} already done{retimed}, {len(self.failed)} failed; "
-                f"records in {self.out}")
+        elsewhere = f", {len(self.elsewhere)} left to another runner" if self.elsewhere else ""
+        return (f"{len(self.ran)} cells run, {len(self.skipped)} already done{retimed}{elsewhere}, "
+                f"{len(self.failed)} failed; records in {self.out}")
 
 
 def cells(config: SweepConfig) -> list[rec.Cell]:
@@ -66,6 +70,12 @@ def cells(config: SweepConfig) -> list[rec.Cell]:
                                     "options": dict(config.task_options.get(task, {}))}
                         out.append(rec.Cell(model, variant, task, tuple(sorted(settings.items()))))
     return out
+
+
+def cell_label(cell: rec.Cell) -> str:
+    """A cell in words, as tables name it: ``model @SIZEpx | variant | task``."""
+    size, variant = cell.setting("image_size"), _short(parse_variant(cell.variant), cell.model)
+    return f"{cell.model}{f' @{size}px' if size else ''} | {variant} | {cell.task}"
 
 
 def _progress_factory(quiet: bool) -> Callable[[Iterable, str, int | None], Iterable]:
@@ -105,12 +115,17 @@ class Runner:
     """Runs a sweep config into a results folder."""
 
     def __init__(self, config: SweepConfig, *, quiet: bool = False, log: Callable[[str], None] = print,
-                 retime: bool = False) -> None:
+                 retime: bool = False, only: Iterable[str] | None = None,
+                 stale_after: float = claims.STALE_AFTER_S) -> None:
         self.config = config
         self.quiet = quiet
         self.retime = retime
         self.log = log
         self.out = config.output_dir()
+        self.only = set(only) if only is not None else None  # run just these cell ids (one job's share)
+        self.stale_after = stale_after
+        self._claim: claims.Claim | None = None
+        self._seen: dict[str, set[tuple]] = {}  # by cell id: the runs whose records were there at the start
         self._flops: dict[tuple, dict] = {}
         self._kv: dict[tuple, dict] = {}  # decoder cells: KV cache after prefill and one decoding step
         self._timings: dict[tuple, tuple[dict, int]] = {}
@@ -127,9 +142,13 @@ class Runner:
         rec.output_path(self.out, "results folder", folder=True, create=False)
         summary = SweepSummary(self.out)
         existing = rec.read_records(self.out, strict=False) if self.out.is_dir() else []
+        self._seen = {}
+        for r in existing:  # a set: a folder may hold copies of a cell's record in subfolders
+            self._seen.setdefault(r["id"], set()).add(_stamp(r))
         self._done = {r["id"]: r for r in existing if r["status"] == "ok"}
-        todo = [c for c in cells(config) if self.retime or c.id not in self._done]
-        summary.skipped = [c.id for c in cells(config) if c.id in self._done and not self.retime]
+        grid = [c for c in cells(config) if self.only is None or c.id in self.only]
+        todo = [c for c in grid if self.retime or c.id not in self._done]
+        summary.skipped = [c.id for c in grid if c.id in self._done and not self.retime]
         groups: dict[tuple, list[rec.Cell]] = {}
         for cell in todo:
             groups.setdefault((cell.model, cell.setting("image_size")), []).append(cell)
@@ -139,9 +158,47 @@ class Runner:
         progress = _progress_factory(self.quiet)
         bar_iter = iter(progress(todo, f"sweep {config.name}", len(todo)))
         env = rec.environment(config.device)
-        for (model_name, size), group in groups.items():
-            self._run_model(model_name, size, group, env, summary, progress, bar_iter, loaded.pop((model_name, size)))
+        try:
+            for (model_name, size), group in groups.items():
+                self._run_model(model_name, size, group, env, summary, progress, bar_iter,
+                                loaded.pop((model_name, size)))
+        finally:
+            self._release()
         return summary
+
+    def _take(self, cell: rec.Cell, summary: SweepSummary) -> bool:
+        """Claim ``cell`` for this runner; False (and the cell left alone) if another runner holds it or has
+        just written its record (an ``ok`` one, or a failure other than the one this runner found: a fresh
+        attempt by another runner, not one to retry)."""
+        self._release()
+        claim = claims.try_claim(self.out, cell.id, stale_after=self.stale_after, label=cell_label(cell))
+        if claim is None:
+            summary.elsewhere.append(cell.id)
+            return False
+        if not self.retime:
+            try:
+                now = rec.read_records(self.out / f"{cell.id}.json")[0]
+            except (FileNotFoundError, rec.RecordError, IndexError):
+                now = None
+            if now is not None and (now["status"] == "ok" or _stamp(now) not in self._seen.get(cell.id, ())):
+                claim.release()
+                summary.elsewhere.append(cell.id)
+                return False
+        self._claim = claim
+        return True
+
+    def _release(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+
+    def _still_ours(self, cell_id: str) -> bool:
+        """Whether this runner still holds the claim on ``cell_id`` (one frozen past ``stale_after`` lost it)."""
+        if self._claim is None or self._claim.holds():
+            return True
+        self.log(f"claim on cell {cell_id} was taken over by another runner (this one looked dead); "
+                 "its result is dropped, the other runner's record stands")
+        return False
 
     def preflight(self, groups: dict[tuple, list[rec.Cell]]) -> dict[tuple, Any]:
         """Before any cell runs or anything is written: load every (model, image size) of the sweep and
@@ -177,11 +234,12 @@ class Runner:
         src = self.config.source
         target = self.out / "sweep.toml"
         if src and Path(src).is_file():
-            target.write_text(Path(src).read_text())
+            rec.write_text_atomic(target, Path(src).read_text())  # atomic: runners may share the folder
         elif src:  # the packaged default
             from importlib import resources
 
-            target.write_text(resources.files("fnabench.harness").joinpath("default_sweep.toml").read_text())
+            rec.write_text_atomic(target, resources.files("fnabench.harness").joinpath("default_sweep.toml")
+                                  .read_text())
 
     def _run_model(self, model_name, size, group, env, summary, progress, bar_iter, loaded=None) -> None:
         t0, started = time.perf_counter(), rec.now()
@@ -192,6 +250,8 @@ class Runner:
         except Exception as err:  # every cell of this model fails with the load error, the sweep goes on
             for cell in group:
                 next(bar_iter, None)
+                if not self._take(cell, summary):
+                    continue
                 if cell.id in self._done:  # retime: an ok record is never replaced by a failure
                     self.log(f"retime failed, record kept: {cell.model}: {err}")
                 else:
@@ -200,6 +260,8 @@ class Runner:
         prepared: dict[tuple, Any] = {}
         for cell in group:
             next(bar_iter, None)
+            if not self._take(cell, summary):
+                continue
             t0, started = time.perf_counter(), rec.now()
             try:
                 settings = self._settings(cell, progress)
@@ -210,9 +272,10 @@ class Runner:
                     prepared[key] = (task, task.prepare(loaded, settings))
                 task, data = prepared[key]
                 if cell.id in self._done:
-                    rec.write_record(self.out, self._retime_cell(self._done[cell.id], cell, loaded, task, data,
-                                                                 settings, env))
-                    summary.retimed.append(cell.id)
+                    retimed = self._retime_cell(self._done[cell.id], cell, loaded, task, data, settings, env)
+                    if self._still_ours(cell.id):
+                        rec.write_record(self.out, retimed)
+                        summary.retimed.append(cell.id)
                     continue
                 record = self._run_cell(cell, loaded, task, data, settings, started, t0, env)
             except Exception as err:
@@ -324,12 +387,21 @@ class Runner:
         return self._timings[key]
 
     def _write(self, record: dict, summary: SweepSummary) -> None:
+        if not self._still_ours(record["id"]):
+            summary.elsewhere.append(record["id"])
+            return
         rec.write_record(self.out, record)
+        self._release()
         (summary.ran if record["status"] == "ok" else summary.failed).append(
             record["id"] if record["status"] == "ok" else (record["id"], record["error"]))
         if record["status"] != "ok":
             self.log(f"cell failed: {record['model']} | {record['variant_short']} | {record['task']}: "
                      f"{record['error']}")
+
+
+def _stamp(record: dict) -> tuple:
+    """What tells one run of a cell from another: when it started and finished, and how long it took."""
+    return record["started"], record["finished"], record["duration_s"]
 
 
 def _fallback_layers(handle) -> dict | None:

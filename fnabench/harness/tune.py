@@ -1,0 +1,652 @@
+"""``fnabench tune MODEL TASK --budget B``: the cheapest FNA setting whose accuracy stays within B of exact.
+
+FNA's knobs (landmarks ``m``, which blocks, landmark selection, inverse) span a grid too large to run
+a real task on every point. Counted GFLOPs cost nothing to know, so tune
+
+1. counts the GFLOPs of every setting of the grid and drops those that cost as much as exact attention;
+2. runs a cheap proxy on the rest (``fidelity:images`` on a few images: how far each setting moves the
+   model's features), which gives the proxy's accuracy-vs-GFLOPs front;
+3. runs the real task on exact, the hand-picked default (``fna:m=64``), then bisects along the proxy
+   front for the cheapest setting within the budget, and spends the cells left on the rest of the
+   proxy front between that setting and exact (widest gap in GFLOPs first), which maps the task's
+   accuracy-vs-GFLOPs front inside the budget.
+
+Every evaluated point is an ordinary record in the results folder, so ``leaderboard``, ``check`` and
+``publish`` work on it, and a second run of the same command resumes: the search is a function of the
+records, so it replays what is done and continues. ``RESULTS/tune.toml`` holds the settings (a rerun
+with others is refused) and ``RESULTS/description.md`` the report, which ``publish`` shows.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._errors import EXIT_FOUND, EXIT_OK, UserError
+from . import records as rec
+
+TUNE_FILE = "tune.toml"
+REPORT_FILE = "description.md"
+DEFAULT_VARIANT = "fna:m=64"
+DEFAULT_PROXY = "fidelity:images"
+DEFAULT_M = (16, 32, 64, 128)
+EXACT = "exact"
+
+
+class TuneError(UserError, ValueError):
+    """A tune that cannot run as asked; one line naming what is wrong and what is accepted."""
+
+
+@dataclass
+class TuneSpec:
+    """What a tune searches and how: everything ``RESULTS/tune.toml`` holds."""
+
+    model: str
+    task: str
+    budget: float = 1.0
+    max_cells: int = 12  # task cells, exact and the default included
+    image_size: int | None = None
+    proxy: str = DEFAULT_PROXY
+    proxy_images: int = 8
+    m: list[int] = field(default_factory=lambda: list(DEFAULT_M))
+    blocks: list[str] = field(default_factory=list)  # "all" or how many of the last blocks; [] = by depth
+    landmarks: list[str] = field(default_factory=list)  # [] = fps, random (decoders: stride, random)
+    pinv: list[str] = field(default_factory=lambda: ["ridge", "newton"])
+    default: str = DEFAULT_VARIANT
+    task_options: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None  # the task's sweep limit (a task's own `limit` option wins)
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    timing_repeats: int = 2
+    seed: int = 0
+    offline: bool = True
+
+    # -- the grid ---------------------------------------------------------------------------
+    def layers(self) -> list[str]:
+        return [":" if b == "all" else f"-{b}:" for b in self.blocks]
+
+    def grid(self) -> list[str]:
+        """Every FNA spec of the search, in canonical form (decoders: the causal form), duplicates removed."""
+        out: list[str] = []
+        for m in self.m:
+            for layers in self.layers():
+                for landmarks in self.landmarks:
+                    for pinv in self.pinv:
+                        spec = canonical(f"fna:m={m},layers={layers},landmarks={landmarks},pinv={pinv}", self.model)
+                        if spec not in out:
+                            out.append(spec)
+        return out
+
+    # -- identity and file --------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What must match for a rerun to resume this tune (``max_cells`` may grow; timing may change)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("max_cells", "timing_repeats")}
+
+    def to_toml(self) -> str:
+        lines = ["# fnabench tune: the search that made the records beside this file (fnabench.harness.tune)",
+                 f"description = {_toml(self.description())}"]
+        for key, value in asdict(self).items():
+            if value is None or isinstance(value, dict):
+                continue
+            lines.append(f"{key} = {_toml(value)}")
+        if self.task_options:
+            lines += ["", "[task_options]"] + [f"{k} = {_toml(v)}" for k, v in sorted(self.task_options.items())]
+        return "\n".join(lines) + "\n"
+
+    def description(self) -> str:
+        return (f"`fnabench tune` of FNA on {self.model}, task {self.task}: the cheapest setting whose "
+                f"{self.task} score stays within {self.budget:g} of exact attention, searched with "
+                f"{self.proxy} on {self.proxy_images} images as the proxy. Every row below is an ordinary "
+                "record; the report above the tables is rebuilt from them.")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def load_spec(path: str | Path) -> TuneSpec:
+    """A :class:`TuneSpec` from a ``tune.toml``."""
+    from .config import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise TuneError(f"{path}: invalid TOML ({err})") from None
+    data.pop("description", None)
+    known = set(TuneSpec.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TuneError(f"{path}: unknown key {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
+    return TuneSpec(**data)
+
+
+def canonical(spec: str, model: str) -> str:
+    from ..variants import parse_variant
+    from .registry import expand_variant, is_causal_model
+
+    variant = parse_variant(expand_variant(spec))
+    return (variant.for_causal() if is_causal_model(model) else variant).canonical
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (before any work)
+
+
+def _fna_choices(key: str) -> list[str]:
+    from ..variants.spec import COMPONENTS
+
+    return [c.strip() for c in COMPONENTS["fna"][key].accepts.split("|")]
+
+
+def validate(spec: TuneSpec) -> TuneSpec:
+    """Every name and value checked now, one line each: the sweep-level ones by the sweep config's own checks."""
+    from ..variants import SpecError
+    from .registry import is_causal_model
+
+    if not (isinstance(spec.budget, (int, float)) and math.isfinite(spec.budget) and spec.budget >= 0):
+        raise TuneError(f"--budget {spec.budget!r}: accepted: a number >= 0, in the task's primary metric's units "
+                        "(e.g. 1.0 = one point of top-1 %)")
+    if spec.max_cells < 2:
+        raise TuneError(f"--max-cells {spec.max_cells}: accepted: an integer >= 2 (exact and the default are "
+                        "always evaluated on the task)")
+    if spec.proxy_images < 1:
+        raise TuneError(f"--proxy-images {spec.proxy_images}: accepted: an integer >= 1")
+    if spec.proxy == spec.task:
+        raise TuneError(f"--proxy {spec.proxy!r} is the task itself; accepted: a cheaper task, e.g. fidelity:images")
+    if not spec.m or any(not isinstance(m, int) or m < 1 for m in spec.m):
+        raise TuneError(f"--m {','.join(map(str, spec.m))}: accepted: integers >= 1 (landmarks), e.g. 16,32,64")
+    for b in spec.blocks:
+        if b != "all" and not (b.isdigit() and int(b) >= 1):
+            raise TuneError(f"--blocks {b!r}: accepted: 'all' or a number >= 1 of last blocks, e.g. all,9,6,3")
+    causal = is_causal_model(spec.model)
+    if not spec.landmarks:
+        spec.landmarks = ["stride", "random"] if causal else ["fps", "random"]
+    for key, values in (("landmarks", spec.landmarks), ("pinv", spec.pinv)):
+        accepted = _fna_choices(key)
+        bad = [v for v in values if v not in accepted]
+        if bad or not values:
+            raise TuneError(f"--{key} {bad[0] if bad else ''!r}: accepted: {', '.join(accepted)}")
+    try:
+        canonical(spec.default, spec.model)  # any variant may be the point to compare with (e.g. a paper preset)
+    except SpecError as err:
+        raise TuneError(f"--default: {err}") from None
+    _sweep(spec, [EXACT], spec.proxy, spec.proxy_images, {}, Path("."))  # model, tasks, options, device, dtype
+    _sweep(spec, [EXACT], spec.task, spec.limit, spec.task_options, Path("."))
+    return spec
+
+
+def _sweep(spec: TuneSpec, variants: list[str], task: str, limit: int | None, options: dict, out: Path):
+    """The sweep config of one tune step (validated like any config: a bad name is one line).
+
+    Proxy cells are timed in one round without warm-up: their speed is not what they are for, and timing
+    would otherwise cost more than the proxy itself (timing is not part of a cell's identity).
+    """
+    from .config import SweepConfig
+    from .config import validate as validate_config
+
+    proxy = task == spec.proxy
+    config = SweepConfig(name="tune", models=[spec.model], variants=variants, tasks=[task],
+                         image_sizes=[spec.image_size], seeds=[spec.seed], batch_size=spec.batch_size,
+                         device=spec.device, dtype=spec.dtype, limit=limit,
+                         timing_repeats=1 if proxy else spec.timing_repeats, timing_warmup=0 if proxy else 1,
+                         offline=spec.offline, out=str(out), task_options={task: dict(options)} if options else {})
+    return validate_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+
+
+@dataclass
+class Point:
+    """One setting: its counted GFLOPs, proxy score and task score (None until run; NaN for a failed cell)."""
+
+    variant: str
+    gflops: float
+    proxy: float | None = None
+    task: float | None = None
+    record: dict | None = None
+
+
+@dataclass
+class State:
+    """What the records say so far, and the rule that picks the next task cell from it."""
+
+    points: dict[str, Point]
+    exact: str
+    default: str
+    budget: float
+    higher: bool  # the task's primary metric: higher is better
+    proxy_higher: bool
+
+    def drop(self, p: Point) -> float | None:
+        ref = self.points[self.exact].task
+        if p.task is None or ref is None or math.isnan(p.task) or math.isnan(ref):
+            return None
+        return (ref - p.task) if self.higher else (p.task - ref)
+
+    def within(self, p: Point) -> bool:
+        drop = self.drop(p)
+        return drop is not None and drop <= self.budget + 1e-12
+
+    def candidates(self) -> list[Point]:
+        """Settings cheaper than exact with a proxy score: what the task stage chooses from."""
+        cap = self.points[self.exact].gflops
+        return [p for v, p in self.points.items()
+                if v != self.exact and p.gflops < cap and p.proxy is not None and not math.isnan(p.proxy)]
+
+    def proxy_front(self) -> list[Point]:
+        """The candidates no cheaper-or-equal candidate beats on the proxy, cheapest first."""
+        from .leaderboard import pareto_front
+
+        cands = self.candidates()
+        on = pareto_front([(p.gflops, p.proxy) for p in cands], self.proxy_higher)
+        return sorted((p for p, keep in zip(cands, on, strict=True) if keep), key=lambda p: (p.gflops, p.variant))
+
+    def best(self) -> Point | None:
+        """The cheapest setting evaluated on the task within the budget (exact is, by definition)."""
+        ok = [p for p in self.points.values() if p.task is not None and self.within(p)]
+        return min(ok, key=lambda p: (p.gflops, p.variant)) if ok else None
+
+    def next(self) -> tuple[Point, str] | None:
+        """The next setting to run the task on, and why; None when the search has nothing left to try."""
+        for name in (self.exact, self.default):
+            if self.points[name].task is None:
+                return self.points[name], "reference" if name == self.exact else "the hand-picked default"
+        best = self.best()
+        if best is None:
+            return None
+        misses = [p for p in self.points.values() if p.task is not None and not self.within(p)]
+        front = self.proxy_front()
+        floor = max((p.gflops for p in misses if p in front), default=-math.inf)
+        span = [p for p in front if floor < p.gflops < best.gflops and p.task is None]
+        if span:
+            return span[(len(span) - 1) // 2], "bisection along the proxy front"
+        # the cheapest is found: map the front between it and exact, widest gap in GFLOPs first
+        done = [p.gflops for p in self.evaluated()]
+        rest = [p for p in front if best.gflops < p.gflops and p.task is None]
+        if not rest:
+            return None
+        return max(rest, key=lambda p: (min(abs(p.gflops - g) for g in done), -p.gflops, p.variant)), \
+            "the proxy front between the cheapest within the budget and exact"
+
+    def evaluated(self) -> list[Point]:
+        return [p for p in self.points.values() if p.task is not None]
+
+
+class _Session:
+    """One tune: the model loaded once for every step, records read back after each."""
+
+    def __init__(self, spec: TuneSpec, out: Path, *, quiet: bool, log: Callable[[str], None]) -> None:
+        self.spec, self.out, self.quiet, self.log = spec, out, quiet, log
+        self._models: dict[tuple, Any] = {}
+
+    def runner(self, config):
+        from .runner import Runner
+
+        models = self._models
+
+        class _Cached(Runner):
+            def _load(self, name, size):
+                key = (name, size)
+                if key not in models:
+                    models[key] = Runner._load(self, name, size)
+                return models[key]
+
+        return _Cached(config, quiet=self.quiet, log=self.log)
+
+    def run(self, variants: list[str], task: str, limit: int | None, options: dict):
+        config = _sweep(self.spec, variants, task, limit, options, self.out)
+        return self.runner(config).run()
+
+    def cell_ids(self, variants: list[str], task: str, limit: int | None, options: dict) -> dict[str, str]:
+        from .runner import cells
+
+        config = _sweep(self.spec, variants, task, limit, options, self.out)
+        return {c.id: c.variant for c in cells(config)}
+
+
+def _primary(records: list[dict], fallback_task: str, options: dict) -> tuple[str, bool]:
+    for r in records:
+        if r["status"] == "ok" and r["primary_metric"]:
+            return r["primary_metric"], bool(r["higher_is_better"].get(r["primary_metric"], True))
+    from .registry import make_task
+
+    task = make_task(fallback_task, options)
+    return task.primary, bool(task.higher_is_better.get(task.primary, True))
+
+
+def state_from_records(spec: TuneSpec, records: list[dict]) -> tuple[State, dict]:
+    """The search state the records of a tune give (no model needed): used to search and to report."""
+    from .runner import cells
+
+    def ids(task: str, limit: int | None, options: dict) -> dict[str, str]:
+        config = _sweep(spec, [EXACT, spec.default, *spec.grid()], task, limit, options, Path("."))
+        return {c.id: c.variant for c in cells(config)}
+
+    by_id = {r["id"]: r for r in rec.latest_by_cell(records)}
+    proxy_ids, task_ids = ids(spec.proxy, spec.proxy_images, {}), ids(spec.task, spec.limit, spec.task_options)
+    proxy_recs = {v: by_id[i] for i, v in proxy_ids.items() if i in by_id}
+    task_recs = {v: by_id[i] for i, v in task_ids.items() if i in by_id}
+    proxy_metric, proxy_higher = _primary(list(proxy_recs.values()), spec.proxy, {})
+    task_metric, higher = _primary(list(task_recs.values()), spec.task, spec.task_options)
+    points: dict[str, Point] = {}
+    for variant in dict.fromkeys([*proxy_ids.values(), *task_ids.values()]):
+        r = proxy_recs.get(variant) or task_recs.get(variant)
+        if r is None or not r.get("flops"):
+            continue
+        p = Point(variant, float(r["flops"]["gflops"]))
+        if variant in proxy_recs:
+            pr = proxy_recs[variant]
+            p.proxy = float(pr["metrics"][proxy_metric]) if pr["status"] == "ok" else math.nan
+        if variant in task_recs:
+            tr = task_recs[variant]
+            p.task = float(tr["metrics"][task_metric]) if tr["status"] == "ok" else math.nan
+            p.record = tr
+        points[variant] = p
+    exact, default = canonical(EXACT, spec.model), canonical(spec.default, spec.model)
+    state = State(points, exact, default, spec.budget, higher, proxy_higher)
+    return state, {"task_metric": task_metric, "proxy_metric": proxy_metric}
+
+
+@dataclass
+class TuneOutcome:
+    spec: TuneSpec
+    state: State
+    report: str
+    stopped: str  # why the search ended
+
+
+def _resolve_blocks(spec: TuneSpec, loaded) -> None:
+    from ..adapters.core import find_blocks
+
+    depth = len(find_blocks(loaded.model, "image")) or len(find_blocks(loaded.model, "text"))
+    if not spec.blocks:
+        spec.blocks = ["all"] + [str(k) for k in dict.fromkeys((depth * 3 // 4, depth // 2, depth // 4)) if k >= 1]
+    for b in spec.blocks:
+        if b != "all" and int(b) > depth:
+            raise TuneError(f"--blocks {b}: {spec.model} has {depth} blocks; accepted: 'all' or 1 to {depth}")
+
+
+def _check_resume(spec: TuneSpec, out: Path) -> None:
+    path = out / TUNE_FILE
+    if not path.is_file():
+        return
+    old = load_spec(path)
+    if not old.blocks:
+        return
+    if not spec.blocks:
+        spec.blocks = list(old.blocks)
+    mine, theirs = spec.identity(), old.identity()
+    diff = [k for k in mine if mine[k] != theirs.get(k)]
+    if diff:
+        held = ", ".join(f"{k} = {theirs.get(k)!r}" for k in diff)
+        raise TuneError(f"{out} holds a tune with other settings ({held});"
+                        " accepted: the same settings to resume it (only --max-cells and --timing-repeats may "
+                        "change), or another --out")
+
+
+def tune(spec: TuneSpec, out: str | Path, *, quiet: bool = False,
+         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TuneOutcome:
+    """Run (or resume) the search of ``spec`` into the results folder ``out``; see the module docstring."""
+    import torch
+
+    from ..adapters import patch
+    from ..measure import count_flops
+    from .registry import make_task
+    from .runner import cells
+
+    out = Path(out)
+    validate(spec)
+    rec.output_path(out, "results folder", folder=True, create=False)
+    _check_resume(spec, out)
+    session = _Session(spec, out, quiet=quiet, log=log)
+    probe = _sweep(spec, [EXACT], spec.proxy, spec.proxy_images, {}, out)
+    loaded = session.runner(probe)._load(spec.model, spec.image_size)
+    _resolve_blocks(spec, loaded)
+    exact, default = canonical(EXACT, spec.model), canonical(spec.default, spec.model)
+    grid = spec.grid()
+    variants = list(dict.fromkeys([exact, default, *grid]))
+    # the runner's preflight for every setting (layer ranges, image size) before anything is written
+    checker = session.runner(_sweep(spec, variants, spec.proxy, spec.proxy_images, {}, out))
+    groups = {(spec.model, spec.image_size): cells(checker.config)}
+    checker.preflight(groups)
+    rec.output_path(out, "results folder", folder=True)
+    rec.write_text_atomic(out / TUNE_FILE, spec.to_toml())
+
+    # 1. counted GFLOPs of every setting on one input of the proxy task: what is cheaper than exact?
+    settings = checker._settings(next(iter(groups.values()))[0], lambda it, desc, total: it)
+    task = make_task(spec.proxy)
+    torch.manual_seed(spec.seed)
+    one = task.example_batch(task.prepare(loaded, settings), settings)[:1].to(settings.device, settings.dtype)
+    gflops = {}
+    for variant in variants:
+        with patch(loaded.model, variant):
+            gflops[variant] = count_flops(loaded.embed, one).total / 1e9
+    cheap = [v for v in grid if gflops[v] < gflops[exact]]
+    log(f"tune: {len(grid)} settings, {len(cheap)} cheaper than exact ({gflops[exact]:.3g} GFLOPs); "
+        f"proxy {spec.proxy} on {spec.proxy_images} images")
+
+    # 2. the proxy on every cheap setting (and the two references)
+    session.run(list(dict.fromkeys([exact, default, *cheap])), spec.proxy, spec.proxy_images, {})
+
+    # 3. the task: references, then bisection along the proxy front, then the promising rest
+    stopped = "no setting left that could beat the best so far"
+    while True:
+        state, _ = state_from_records(spec, rec.read_records(out, strict=False))
+        used = len(state.evaluated())
+        if state.points.get(exact) is not None and state.points[exact].task is not None \
+                and math.isnan(state.points[exact].task):
+            stopped = "the exact reference cell failed on the task (see its record), so no drop can be measured"
+            break
+        if used >= spec.max_cells:
+            stopped = f"--max-cells {spec.max_cells} task cells used"
+            break
+        step = state.next()
+        if step is None:
+            break
+        point, why = step
+        log(f"tune: task cell {used + 1}/{spec.max_cells}: {_label(point.variant, spec.model)} "
+            f"({point.gflops:.4g} GFLOPs; {why})")
+        summary = session.run([point.variant], spec.task, spec.limit, spec.task_options)
+        if summary.elsewhere:
+            stopped = f"another runner holds {point.variant} on the task; run the same command again to continue"
+            break
+    state, names = state_from_records(spec, rec.read_records(out, strict=False))
+    report = render_report(spec, state, names)
+    rec.write_text_atomic(out / REPORT_FILE, report)
+    log(f"tune: stopped: {stopped}")
+    return TuneOutcome(spec, state, report, stopped)
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def _fmt(x: float | None, digits: int = 4, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    x = 0.0 if x == 0 else x  # no "-0"
+    return f"{x:{'+' if sign else ''}.{digits}g}"
+
+
+def _label(variant: str, model: str) -> str:
+    from ..variants import parse_variant
+    from .registry import is_causal_model
+
+    return parse_variant(variant).label(causal=is_causal_model(model))
+
+
+def _short(p: Point) -> str:
+    return (p.record or {}).get("variant_short") or p.variant
+
+
+def render_report(spec: TuneSpec, state: State, names: dict[str, str]) -> str:
+    """The tune's Markdown report from its state alone (so the published folder can be checked against its records)."""
+    from .leaderboard import pareto_front, standard_error
+
+    metric, proxy_metric = names["task_metric"], names["proxy_metric"]
+    exact = state.points.get(state.exact)
+    grid = spec.grid()
+    cands = state.candidates()
+    evaluated = sorted(state.evaluated(), key=lambda p: (p.gflops, p.variant))
+    size = f" at {spec.image_size} px" if spec.image_size else ""
+    lines = [f"## Tune: FNA on {spec.model}{size}, {spec.task} within {spec.budget:g} {metric} of exact", ""]
+    space = (f"m ∈ {{{', '.join(map(str, spec.m))}}} × layers ∈ {{{', '.join(f'`{x}`' for x in spec.layers())}}} × "
+             f"landmarks ∈ {{{', '.join(spec.landmarks)}}} × pinv ∈ {{{', '.join(spec.pinv)}}}")
+    lines.append(f"**Searched:** {space}: {len(grid)} settings, {len(cands)} of them cheaper than exact in counted "
+                 f"GFLOPs and scored by the proxy ({spec.proxy}, {proxy_metric}, on {spec.proxy_images} images); "
+                 f"{len(evaluated)} task cells of at most {spec.max_cells} (exact and the default included).")
+    lines.append("")
+    if exact is None or exact.task is None or math.isnan(exact.task):
+        lines += ["The exact reference has no task result yet, so nothing can be judged against the budget.", ""]
+        return "\n".join(lines)
+    best = state.best()
+    default = state.points.get(state.default)
+
+    def describe(p: Point) -> str:
+        drop = state.drop(p)
+        se = standard_error(p.record, metric) if p.record else None
+        se_text = f" ± {se:.2g} s.e." if se else ""
+        saving = 100 * (1 - p.gflops / exact.gflops)
+        change = -drop if state.higher else drop
+        return (f"`{_short(p)}`: {metric} {_fmt(p.task)}{se_text} (Δ {_fmt(change, 3, sign=True)} vs exact's "
+                f"{_fmt(exact.task)}), {p.gflops:.4g} GFLOPs ({_fmt(-saving, 3, sign=True)} % vs exact's "
+                f"{exact.gflops:.4g})")
+
+    if best is not None and best.variant != state.exact:
+        lines.append(f"**Cheapest setting within the budget:** {describe(best)}.")
+    else:
+        lines.append("**No setting cheaper than exact stayed within the budget** among those tried.")
+    if default is not None and default.task is not None and not math.isnan(default.task):
+        verdict = "within the budget" if state.within(default) else "outside the budget"
+        lines.append(f"**Hand-picked default** {describe(default)}: {verdict}.")
+        if best is not None and best.variant not in (state.exact, state.default):
+            diff = best.gflops - default.gflops
+            lines.append(f"Tune's pick costs {abs(diff):.3g} GFLOPs per item {'less' if diff < 0 else 'more'} "
+                         f"than the default ({_fmt(100 * diff / default.gflops, 3, sign=True)} %).")
+            if diff >= 0 and not state.within(default):
+                lines.append("The default is cheaper but outside the budget, and no setting tried that costs as "
+                             "little as the default stayed within it.")
+    ses = [standard_error(p.record, metric) for p in evaluated if p.record]
+    ses = [s for s in ses if s]
+    if ses and spec.budget < max(ses):
+        lines.append(f"Note: the budget ({spec.budget:g}) is smaller than the binomial standard error of one cell's "
+                     f"{metric} (up to {max(ses):.2g}), so a single cell's call near the edge of the budget is within "
+                     "noise; more test items make it sharper.")
+    lines += ["", f"Every setting run on the task, cheapest first (★: on the task's {metric}-vs-GFLOPs front):", "",
+              f"| setting | {metric} | Δ vs exact | within {spec.budget:g} | GFLOPs | proxy {proxy_metric} | front |",
+              "|---|---|---|---|---|---|---|"]
+    ok = [p for p in evaluated if not math.isnan(p.task)]
+    on = dict(zip((p.variant for p in ok), pareto_front([(p.gflops, p.task) for p in ok], state.higher), strict=True))
+    for p in evaluated:
+        drop = state.drop(p)
+        change = None if drop is None else (-drop if state.higher else drop)
+        delta = "ref" if p.variant == state.exact else _fmt(change, 3, sign=True)
+        mark = "yes" if state.within(p) else ("failed" if math.isnan(p.task) else "no")
+        lines.append(f"| `{_short(p)}` | {_fmt(p.task)} | {delta} | {mark} | {p.gflops:.4g} | {_fmt(p.proxy)} | "
+                     f"{'★' if on.get(p.variant) else ''} |")
+    lines += ["", "How it searched: counted GFLOPs for every setting; the proxy on each one cheaper than exact; "
+              "then the task on exact, the default, the middle of the proxy front's stretch between the cheapest miss "
+              "and the cheapest setting within the budget (a bisection), and then the rest of the proxy front up "
+              "to exact, widest gap in GFLOPs first. Rerun the same `fnabench tune` command to resume or extend "
+              "it (`--max-cells`).", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise TuneError(f"{flag} {text!r}: accepted: comma-separated integers, e.g. 16,32,64") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _options(items: list[str]) -> dict[str, Any]:
+    from .config import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise TuneError(f"--task-option {item!r}: accepted: KEY=VALUE, e.g. limit=1000")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value  # a bare word: a string
+    return out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tune", help="search FNA's knobs for the cheapest setting within an accuracy budget")
+    p.add_argument("model", help="a model name, e.g. offline:dinov2-s")
+    p.add_argument("task", help="the task the budget is on, e.g. knn:digits")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="largest drop of the task's primary metric vs exact, in its units (default 1.0)")
+    p.add_argument("--max-cells", type=int, default=12, help="task cells at most, exact and the default included")
+    p.add_argument("--out", help="results folder (default: results/tune-<model>-<task>)")
+    p.add_argument("--image-size", type=int, help="input size in px (default: the model's own)")
+    p.add_argument("--proxy", default=DEFAULT_PROXY, help="the cheap task run on every setting first")
+    p.add_argument("--proxy-images", type=int, default=8, help="items the proxy runs on (its sweep limit)")
+    p.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="landmark counts to try, e.g. 16,32,64,128")
+    p.add_argument("--blocks", default="", help="how many last blocks FNA replaces, e.g. all,9,6,3 "
+                   "(default: all, 3/4, 1/2, 1/4 of the depth)")
+    p.add_argument("--landmarks", default="", help="landmark selections to try (default fps,random)")
+    p.add_argument("--pinv", default="ridge,newton", help="inverses to try (default ridge,newton)")
+    p.add_argument("--default", default=DEFAULT_VARIANT, help="the hand-picked setting to compare with")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the task, e.g. limit=1000 (repeatable)")
+    p.add_argument("--limit", type=int, help="items per task cell (the sweep limit)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--timing-repeats", type=int, default=2, help="paired timing rounds with exact per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--online", action="store_true", help="allow hub downloads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=command)
+
+
+def spec_from_args(args) -> TuneSpec:
+    return TuneSpec(model=args.model, task=args.task, budget=args.budget, max_cells=args.max_cells,
+                    image_size=args.image_size, proxy=args.proxy, proxy_images=args.proxy_images,
+                    m=_int_list(args.m, "--m"), blocks=_str_list(args.blocks), landmarks=_str_list(args.landmarks),
+                    pinv=_str_list(args.pinv), default=args.default, task_options=_options(args.task_option),
+                    limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                    timing_repeats=args.timing_repeats, seed=args.seed, offline=not args.online)
+
+
+def command(args) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TuneError(f"--threads {args.threads}: accepted: an integer >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    spec = spec_from_args(args)
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"tune-{spec.model}-{spec.task}")
+    outcome = tune(spec, args.out or Path("results") / slug, quiet=args.quiet)
+    print(outcome.report)
+    exact = outcome.state.points.get(outcome.state.exact)
+    return EXIT_OK if exact is not None and exact.task is not None and not math.isnan(exact.task) else EXIT_FOUND
