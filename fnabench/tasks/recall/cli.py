@@ -242,7 +242,7 @@ def _cmd_throughput(args) -> int:
 
 #: keys an ``icl --config`` TOML may set (its [icl] table), each also a command-line option that overrides it
 ICL_KEYS = ("model", "task", "shots", "max_examples", "input_prefix", "output_prefix", "device", "dtype",
-            "every", "cache_dir", "out", "tokenizer")
+            "every", "cache_dir", "out", "tokenizer", "evict")
 
 
 def _icl_settings(args) -> dict:
@@ -286,7 +286,8 @@ def _cmd_icl(args) -> int:
 
     rows = sweep(checkpoints, task, tokenizer=tokenizer, shots=int(s.get("shots", 1)),
                  max_examples=s.get("max_examples"), device=s.get("device", "cpu"), dtype=s.get("dtype", "float32"),
-                 cache_dir=s.get("cache_dir"), out=out, refresh=args.refresh, progress=show)
+                 cache_dir=s.get("cache_dir"), out=out, refresh=args.refresh, evict=bool(s.get("evict")),
+                 progress=show)
     rundir.write_json(out / "icl.json", rows)
     plot_icl(rows, out / "icl.png", title=f"first vs second target token: {Path(s['task']).parent.name or s['task']}")
     for row in rows:
@@ -445,6 +446,8 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights' dtype (default float32)")
     p.add_argument("--cache-dir", help="transformers download cache (default: its own, HF_HOME)")
     p.add_argument("--out", help="folder for revisions/, icl.json and icl.png")
+    p.add_argument("--evict", action="store_true", default=None,
+                   help="delete each hub revision from the download cache after its record is written")
     p.add_argument("--refresh", action="store_true", help="measure checkpoints that already have a record again")
     p.add_argument("--quiet", action="store_true", help="no per-checkpoint lines while sweeping")
     p.set_defaults(func=_cmd_icl)

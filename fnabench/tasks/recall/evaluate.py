@@ -25,7 +25,9 @@ SERIES = ("final", "initial")
 
 def eval_tag(cfg: EvalConfig, probe: str) -> str:
     """Cache folder name of one evaluation setting: readable prefix plus a hash of every setting."""
-    digest = hashlib.sha1(json.dumps([section_dict(cfg), probe], sort_keys=True).encode()).hexdigest()[:8]
+    settings = section_dict(cfg)
+    settings.pop("emergence_rule", None)  # how a curve is read, not what is measured: the cache is shared
+    digest = hashlib.sha1(json.dumps([settings, probe], sort_keys=True).encode()).hexdigest()[:8]
     return f"{probe}-h{cfg.haystack}-needle{cfg.needle}-{digest}"
 
 

@@ -183,13 +183,33 @@ def record_name(checkpoint: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".json"
 
 
+def evict_revision(model_id: str, commit: str | None, cache_dir: str | None = None) -> bool:
+    """Delete one downloaded revision of a hub model from the transformers (huggingface_hub) cache, so a sweep
+    over hundreds of multi-GB checkpoints keeps one on disk at a time; False when it is not there."""
+    if not commit:
+        return False
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        info = scan_cache_dir(cache_dir)
+    except Exception:  # no cache folder yet
+        return False
+    hashes = [rev.commit_hash for repo in info.repos if repo.repo_id == model_id for rev in repo.revisions
+              if rev.commit_hash == commit]
+    if not hashes:
+        return False
+    info.delete_revisions(*hashes).execute()
+    return True
+
+
 def sweep(checkpoints: Sequence[str], task: IclTask, *, tokenizer=None, shots: int = 1,
           max_examples: int | None = None, device: str = "cpu", dtype: str = "float32",
           cache_dir: str | None = None, out: str | Path | None = None, refresh: bool = False,
-          progress=None) -> list[dict]:
+          evict: bool = False, progress=None) -> list[dict]:
     """Accuracies for every checkpoint (a local directory or ``hub_id@revision``) with its step and training
     tokens. With ``out``, one record per checkpoint is written to ``out/revisions/`` as it is measured, and
-    checkpoints that already have one are read back, not loaded: an interrupted sweep resumes."""
+    checkpoints that already have one are read back, not loaded: an interrupted sweep resumes. ``evict``
+    deletes each hub revision from the download cache once its record is written."""
     from . import rundir
 
     rows = []
@@ -201,15 +221,20 @@ def sweep(checkpoints: Sequence[str], task: IclTask, *, tokenizer=None, shots: i
                     and row.get("max_examples") == max_examples:
                 rows.append(row)
                 continue
+        model = load_checkpoint(checkpoint, device=device, dtype=dtype, cache_dir=cache_dir)
         if tokenizer is None:
             tokenizer = load_tokenizer(checkpoint, cache_dir)
-        model = load_checkpoint(checkpoint, device=device, dtype=dtype, cache_dir=cache_dir)
         result = first_second_accuracy(model, tokenizer, task, shots, max_examples, device)
+        commit = getattr(model.config, "_commit_hash", None)
         del model
         row = {"checkpoint": checkpoint, "step": checkpoint_step(checkpoint, index),
-               "tokens": checkpoint_tokens(checkpoint), "shots": shots, "max_examples": max_examples, **result}
+               "tokens": checkpoint_tokens(checkpoint), "shots": shots, "max_examples": max_examples,
+               "commit": commit, **result}
         if path is not None:
             rundir.write_json(path, row)
+        model_id, revision = _split(checkpoint)
+        if evict and revision is not None:
+            evict_revision(model_id, commit, cache_dir)
         rows.append(row)
         if progress is not None:
             progress(row)
