@@ -13,7 +13,7 @@ from fnabench.harness.records import RecordError, read_records
 from fnabench.harness.suites import make_record
 from fnabench.tasks.recall import cli as recall_cli
 from fnabench.tasks.recall.records import runs_from_records
-from fnabench.tasks.recall.report import REPORT_FILES, report_files
+from fnabench.tasks.recall.report import INTERVENTION_FILES, REPORT_FILES, report_files
 
 BOARD = Path(__file__).resolve().parents[2] / "leaderboards" / "recall-cpu"
 
@@ -31,20 +31,24 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_committed_recall_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
-    """Every file of leaderboards/recall-cpu but dynamics.png (which needs the run directories) comes back byte
-    for byte from its records and description.md, through the command its README names."""
-    copy = tmp_path / "leaderboards" / "recall-cpu"
-    shutil.copytree(BOARD, copy)
+def _regenerated(name: str, tmp_path: Path, monkeypatch) -> tuple[dict[str, bytes], list[dict]]:
+    """Every file of leaderboards/NAME but its pictures (which need the run directories) comes back byte for byte
+    from its records and description.md, through the command its README names: (committed files, records)."""
+    copy = tmp_path / "leaderboards" / name
+    shutil.copytree(BOARD.parent / name, copy)
     committed = _files(copy)
-    for name in ("README.md", *REPORT_FILES):
-        (copy / name).unlink()
+    for file in ("README.md", *REPORT_FILES, *INTERVENTION_FILES):
+        (copy / file).unlink(missing_ok=True)
     monkeypatch.chdir(tmp_path)
-    command = "fnabench recall report --from-records=leaderboards/recall-cpu/records --out-dir=leaderboards/recall-cpu"
+    command = f"fnabench recall report --from-records=leaderboards/{name}/records --out-dir=leaderboards/{name}"
     assert f"- command: `{command}`" in committed["README.md"].decode()
     assert main(command.split()[1:]) == 0
     assert _files(copy) == committed
-    records = read_records(copy / "records")
+    return committed, read_records(copy / "records")
+
+
+def test_committed_recall_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    committed, records = _regenerated("recall-cpu", tmp_path, monkeypatch)
     assert len(records) == 15 and {r["model"] for r in records} == {f"gpt2-recall:cpu@seed{s}" for s in (0, 1, 2)}
     assert all(r["variant"] == "exact:impl=sdpa" and r["timing"] is None and r["flops"]["total"] == 9_959_680
                for r in records)

@@ -288,6 +288,7 @@ def _cmd_icl(args) -> int:
                  max_examples=s.get("max_examples"), device=s.get("device", "cpu"), dtype=s.get("dtype", "float32"),
                  cache_dir=s.get("cache_dir"), out=out, refresh=args.refresh, evict=bool(s.get("evict")),
                  progress=show)
+    rows = sorted(rows, key=lambda row: (row["tokens"] is None, row["tokens"] or 0, row["step"]))
     rundir.write_json(out / "icl.json", rows)
     plot_icl(rows, out / "icl.png", title=f"first vs second target token: {Path(s['task']).parent.name or s['task']}")
     for row in rows:

@@ -71,14 +71,16 @@ def plot_dynamics(runs: Sequence[tuple[str, dict]], out: str | Path, ks: Sequenc
 
 
 def plot_icl(rows: Sequence[dict], out: str | Path, title: str = "ICL: first vs second target token") -> Path:
-    """Greedy top-1 accuracy on the first and (given the true first) second target token vs checkpoint step."""
+    """Greedy top-1 accuracy on the first and (given the true first) second target token vs training tokens
+    (vs checkpoint step when a checkpoint's tokens are unknown)."""
     plt = _pyplot()
-    rows = sorted(rows, key=lambda r: r["step"])
-    steps = [r["step"] for r in rows]
+    by_tokens = all(r.get("tokens") is not None for r in rows)
+    rows = sorted(rows, key=lambda r: (r["tokens"], r["step"]) if by_tokens else r["step"])
+    x = [r["tokens"] if by_tokens else r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(steps, [r["first_accuracy"] for r in rows], "o-", label="first token")
-    ax.plot(steps, [r["second_accuracy"] for r in rows], "s-", label="second token (true first given)")
-    ax.set_xlabel("checkpoint step")
+    ax.plot(x, [r["first_accuracy"] for r in rows], "o-", label="first token")
+    ax.plot(x, [r["second_accuracy"] for r in rows], "s-", label="second token (true first given)")
+    ax.set_xlabel("training tokens" if by_tokens else "checkpoint step")
     ax.set_ylabel("top-1 accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
