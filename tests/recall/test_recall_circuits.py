@@ -99,6 +99,27 @@ def test_disentangled_model_is_the_model_and_masks_interpolate_between_runs():
         assert (a[:, :-1] - b[:, :-1]).abs().max() == 0
 
 
+def test_masked_runs_can_start_where_the_clean_and_corrupted_inputs_part():
+    model = _model(2)
+    cm = CircuitModel(model)
+    clean = torch.randn(3, 24, model.read_in.in_features)
+    other = clean.clone()
+    other[:, 15:] = torch.randn(3, 9, clean.shape[-1])  # the runs part at position 15
+    with torch.no_grad():
+        _, corrupt, _ = cm.run(other)
+        prefix = cm.keys_values(clean)
+        mask = (torch.rand(len(cm.graph.readers), len(cm.graph.writers), generator=torch.Generator().manual_seed(0))
+                > 0.5).float()
+        full = cm.run_masked(clean, mask, corrupt)
+        for start in (1, 9, 15):
+            part = cm.run_masked(clean[:, start:], mask, corrupt[:, :, start:], start=start, prefix=prefix)
+            assert (part - full[:, start:]).abs().max() < 1e-5
+        late = cm.run_masked(clean[:, 20:], mask, corrupt[:, :, 20:], start=20, prefix=prefix)
+        assert (late - full[:, 20:]).abs().max() > 1e-4  # past the parting point the prefix is not shared
+        with pytest.raises(ValueError, match="needs the clean run's keys and values"):
+            cm.run_masked(clean[:, 5:], mask, corrupt[:, :, 5:], start=5)
+
+
 def test_dead_edges_change_no_prediction():
     model = _model(1)
     cm = CircuitModel(model)

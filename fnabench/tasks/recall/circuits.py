@@ -101,12 +101,17 @@ class CircuitModel(nn.Module):
 
     # ------------------------------------------------------------------------------ pieces
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[-2], device=tokens.device)
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Read-in plus learned positions, for tokens that sit at positions ``start``, ``start`` + 1, …"""
+        positions = torch.arange(start, start + tokens.shape[-2], device=tokens.device)
         return self.model.read_in(tokens) + self.model.backbone.wpe(positions)
 
-    def _heads(self, layer: int, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
-        """Head outputs [H, B, T, d] from per-head (or shared, broadcast) inputs [H or 1, B, T, d] after ln_1."""
+    def _heads(self, layer: int, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
+               prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Head outputs [H, B, t, d] from per-head (or shared, broadcast) inputs [H or 1, B, t, d] (before ln_1),
+        and this call's keys and values [H, B, t, hd]. ``prefix``: keys and values of the positions before these t
+        (they are attended to as well; the t queries sit right after them)."""
         block = self.model.backbone.h[layer]
         h, hd, d = self.n_head, self.head_dim, self.d
         weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: x @ W + b, W [d, 3d]
@@ -117,13 +122,15 @@ class CircuitModel(nn.Module):
             return torch.einsum("hbtd,hde->hbte", block.ln_1(x).expand(h, *x.shape[1:]), w) + b
 
         q, k, v = project(q_in, 0), project(k_in, 1), project(v_in, 2)
-        t = q.shape[-2]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        keys, values = (k, v) if prefix is None else (torch.cat([prefix[0], k], -2), torch.cat([prefix[1], v], -2))
+        t, offset = q.shape[-2], keys.shape[-2] - q.shape[-2]
+        scores = q @ keys.transpose(-1, -2) / math.sqrt(hd)
+        causal = torch.arange(offset + t, device=q.device)[None, :] <= torch.arange(offset, offset + t,
+                                                                                     device=q.device)[:, None]
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-        z = scores.softmax(dim=-1) @ v  # [H, B, T, hd]
+        z = scores.softmax(dim=-1) @ values  # [H, B, t, hd]
         proj_w = block.attn.c_proj.weight.reshape(h, hd, d)
-        return torch.einsum("hbte,hed->hbtd", z, proj_w) + block.attn.c_proj.bias / h
+        return torch.einsum("hbte,hed->hbtd", z, proj_w) + block.attn.c_proj.bias / h, (k, v)
 
     def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         block = self.model.backbone.h[layer]
@@ -139,10 +146,19 @@ class CircuitModel(nn.Module):
         """Plain forward pass: (predictions [B, T, n], writer outputs [W, B, T, d], residual stream at the input
         of each layer and before the read-out, L + 1 tensors [B, T, d]). ``patch`` {layer: (position, value)}
         overwrites the residual stream at one position where layer ``layer`` reads it (``n_layer``: the read-out)."""
+        pred, writers, residuals, _ = self.run_all(tokens, patch)
+        return pred, writers, residuals
+
+    def keys_values(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's per-head keys and values [H, B, T, hd] in a plain forward pass (for :meth:`run_masked`'s
+        ``prefix``)."""
+        return self.run_all(tokens)[3]
+
+    def run_all(self, tokens: torch.Tensor, patch: dict[int, tuple[int, torch.Tensor]] | None = None):
+        """:meth:`run`'s three results and :meth:`keys_values`' from one forward pass."""
         patch = patch or {}
         resid = self.embed(tokens)
-        writers = [resid]
-        residuals = []
+        writers, residuals, kv = [resid], [], []
         for layer in range(self.n_layer + 1):
             if layer in patch:
                 pos, value = patch[layer]
@@ -151,26 +167,38 @@ class CircuitModel(nn.Module):
             residuals.append(resid)
             if layer == self.n_layer:
                 break
-            heads = self._heads(layer, resid[None], resid[None], resid[None])
+            heads, layer_kv = self._heads(layer, resid[None], resid[None], resid[None])
+            kv.append(layer_kv)
             writers += list(heads)
             resid = resid + heads.sum(0)
             mlp = self._mlp(layer, resid)
             writers.append(mlp)
             resid = resid + mlp
-        return self._readout(resid), torch.stack(writers), residuals
+        return self._readout(resid), torch.stack(writers), residuals, kv
 
-    def run_masked(self, tokens: torch.Tensor, mask: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+    def run_masked(self, tokens: torch.Tensor, mask: torch.Tensor, corrupt: torch.Tensor, start: int = 0,
+                   prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Forward pass in which reader r sees Σ_w mask[r, w]·clean_w + (1 − mask[r, w])·corrupt_w over the
         writers before it. ``mask`` [R, W] (values in [0, 1]; disallowed entries ignored), ``corrupt``
-        [W, B, T, d] the writer outputs of the corrupted run (:meth:`run`). Returns predictions [B, T, n]."""
+        [W, B, T, d] the writer outputs of the corrupted run (:meth:`run`). Returns predictions [B, T, n].
+
+        Where the clean and corrupted inputs agree on every position before ``start``, every writer agrees there
+        too (the model is causal), so no mask changes anything before ``start``. Then only positions ``start``…
+        are computed: ``tokens`` [B, t, dim] and ``corrupt`` [W, B, t, d] hold just those t positions, ``prefix``
+        is :meth:`keys_values` of the clean input (its first ``start`` positions are used), and the predictions
+        [B, t, n] are those of positions ``start``…"""
         g = self.graph
         mask = mask * g.allowed().to(mask)
-        clean = [self.embed(tokens)]
+        if start:
+            if prefix is None:
+                raise ValueError("run_masked(start > 0) needs the clean run's keys and values (prefix)")
+            prefix = [(k[..., :start, :], v[..., :start, :]) for k, v in prefix]
+        clean = [self.embed(tokens, start)]
         for layer in range(self.n_layer):
             seen = g.attention_writers(layer)
-            x = self._mixed(clean, corrupt, mask[g.attention_readers(layer), :seen], seen)  # [3H, B, T, d]
+            x = self._mixed(clean, corrupt, mask[g.attention_readers(layer), :seen], seen)  # [3H, B, t, d]
             h = self.n_head
-            heads = self._heads(layer, x[:h], x[h:2 * h], x[2 * h:])
+            heads, _ = self._heads(layer, x[:h], x[h:2 * h], x[2 * h:], prefix[layer] if start else None)
             clean += list(heads)
             seen = g.mlp_writers(layer)
             x = self._mixed(clean, corrupt, mask[g.mlp_reader(layer), :seen][None], seen)[0]

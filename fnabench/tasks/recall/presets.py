@@ -53,7 +53,7 @@ def _cpu_n5() -> RunConfig:
         preset="cpu-n5",
         data=DataConfig(state_dim=5, num_labels=10, context=72, train_systems=40_000, val_systems=100),
         model=ModelConfig(n_embd=64, n_layer=4, n_head=4),
-        train=TrainConfig(batch=64, lr=1e-3, steps=24_000, checkpoint_every=250, log_every=50),
+        train=TrainConfig(batch=64, lr=1e-3, steps=20_000, checkpoint_every=250, log_every=50),
         eval=EvalConfig(haystack=5, segment_obs=10, examples=48, traces=64, ks=(1, 2, 3, 8), batch=1024,
                         emergence_rule="sustained"),
     )

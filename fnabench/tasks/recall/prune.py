@@ -110,22 +110,34 @@ def live_edges(graph: EdgeGraph, kept: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TargetData:
-    """A target's queries with the full model's predictions and the corrupted run's writer outputs."""
+    """A target's queries under one swap: the clean suffix from the first position a gate can change (the earlier
+    of the swapped and the target position) with the clean run's keys and values before it, the corrupted
+    run's writer outputs on that suffix, and the full model's and the corrupted run's predictions there."""
 
     target: str
     swap: str
     batch: SwapBatch
-    corrupt: torch.Tensor  # [W, N, T, d]
+    start: int
+    clean: torch.Tensor  # [N, t, dim] tokens from ``start`` on
+    prefix: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [H, N, start, hd]
+    corrupt: torch.Tensor  # [W, N, t, d]
     model_pred: torch.Tensor  # [N, n] at the target position
     corrupt_pred: torch.Tensor  # [N, n] the corrupted run's prediction there
 
     @property
     def position(self) -> int:
-        return self.batch.positions(self.target)
+        """The target's position within the suffix."""
+        return self.batch.positions(self.target) - self.start
 
     @property
     def truth(self) -> torch.Tensor:
         return self.batch.needle[:, TARGETS.index(self.target)]
+
+    def run(self, cm: CircuitModel, mask: torch.Tensor, rows=slice(None)) -> torch.Tensor:
+        """The gated model's prediction at the target position for the queries ``rows``."""
+        prefix = [(k[:, rows], v[:, rows]) for k, v in self.prefix]
+        pred = cm.run_masked(self.clean[rows], mask, self.corrupt[:, rows], start=self.start, prefix=prefix)
+        return pred[:, self.position]
 
 
 @torch.inference_mode()
@@ -133,9 +145,12 @@ def target_data(cm: CircuitModel, config: RunConfig, target: str, swap: str, exa
                 seed: int) -> TargetData:
     batch = swap_batch(config, config.eval, swap, examples, traces, seed)
     pos = batch.positions(target)
-    clean, _, _ = cm.run(batch.clean)
+    start = min(pos, batch.label_pos + SWAPS.index(swap))  # the clean and swapped queries agree before it
+    clean, _, _, kv = cm.run_all(batch.clean)
     corrupt_pred, corrupt, _ = cm.run(batch.swapped)
-    return TargetData(target, swap, batch, corrupt, clean[:, pos].clone(), corrupt_pred[:, pos].clone())
+    prefix = [(k[..., :start, :].clone(), v[..., :start, :].clone()) for k, v in kv]
+    return TargetData(target, swap, batch, start, batch.clean[:, start:].clone(), prefix,
+                      corrupt[:, :, start:].clone(), clean[:, pos].clone(), corrupt_pred[:, pos].clone())
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -165,12 +180,11 @@ def find_circuit(model, config: RunConfig, target: str, settings: PruneSettings,
     opt_lambda = torch.optim.Adam([lambdas], lr=settings.lambda_lr, maximize=True)
     n = len(data.batch)
     history = []
-    pos = data.position
     ramp_steps = max(1, int(settings.ramp * settings.steps))
     for step in range(settings.steps):
         index = torch.randint(0, n, (min(settings.batch, n),), generator=generator)
         gates = sample_gates(log_alpha, generator)
-        pred = cm.run_masked(data.batch.clean[index], gates, data.corrupt[:, index])[:, pos]
+        pred = data.run(cm, gates, index)
         faithful = ((pred - data.model_pred[index]) ** 2).sum(-1).mean()
         target_sparsity = settings.sparsity * min(1.0, (step + 1) / ramp_steps)
         expected = 1.0 - keep_probability(log_alpha)[allowed].mean()
@@ -217,12 +231,7 @@ def score(cm: CircuitModel, mask: torch.Tensor, data: TargetData, chunk: int = 2
     """A hard-gated circuit on one target's held-out queries: its error against the truth (median over traces,
     then examples), its mean squared distance to the full model's prediction, the full model's and the fully
     ablated (corrupted) run's errors, and the fraction of the ablation's damage the circuit recovers."""
-    preds = []
-    pos = data.position
-    for start in range(0, len(data.batch), chunk):
-        rows = slice(start, start + chunk)
-        preds.append(cm.run_masked(data.batch.clean[rows], mask, data.corrupt[:, rows])[:, pos])
-    pred = torch.cat(preds)
+    pred = torch.cat([data.run(cm, mask, slice(i, i + chunk)) for i in range(0, len(data.batch), chunk)])
     example = data.batch.example
     err = median_of_medians(squared_errors(pred, data.truth), example)
     model_err = median_of_medians(squared_errors(data.model_pred, data.truth), example)
