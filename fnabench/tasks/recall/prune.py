@@ -230,17 +230,19 @@ def edge_mask(graph: EdgeGraph, edges) -> torch.Tensor:
 def score(cm: CircuitModel, mask: torch.Tensor, data: TargetData, chunk: int = 256) -> dict:
     """A hard-gated circuit on one target's held-out queries: its error against the truth (median over traces,
     then examples), its mean squared distance to the full model's prediction, the full model's and the fully
-    ablated (corrupted) run's errors, and the fraction of the ablation's damage the circuit recovers."""
+    ablated (corrupted) run's errors, and the fraction of the ablation's damage the circuit recovers (None when
+    the swap changes the error by less than 5 %: there is nothing to recover)."""
     pred = torch.cat([data.run(cm, mask, slice(i, i + chunk)) for i in range(0, len(data.batch), chunk)])
     example = data.batch.example
     err = median_of_medians(squared_errors(pred, data.truth), example)
     model_err = median_of_medians(squared_errors(data.model_pred, data.truth), example)
     ablated_err = median_of_medians(squared_errors(data.corrupt_pred, data.truth), example)
     damage = ablated_err - model_err
+    harmless = abs(damage) <= 0.05 * max(model_err, ablated_err, 1e-12)  # nothing to recover: the ratio is noise
     return {
         "err": err, "model_err": model_err, "ablated_err": ablated_err,
         "mse_to_model": float(squared_errors(pred, data.model_pred).mean()),
-        "recovered": (ablated_err - err) / damage if abs(damage) > 1e-12 else None,  # None: the swap does no harm
+        "recovered": None if harmless else (ablated_err - err) / damage,
     }
 
 

@@ -195,7 +195,8 @@ def circuit_table(runs: Sequence[tuple[str, dict[str, dict]]]) -> str:
             "residual stream; every other edge carries its writer's output from the swapped run. Errors are median "
             "squared errors against the needle's true state (median over traces, then over examples) on held-out "
             "queries; *model* is the full model, *ablated* the swapped run (every edge off). Recovered = (ablated − "
-            "circuit) ÷ (ablated − model): 1 is a faithful circuit, 0 no better than the swap. The other target is "
+            "circuit) ÷ (ablated − model): 1 is a faithful circuit, 0 no better than the swap (— when the swap changes "
+            "the error by less than 5 %). The other target is "
             "scored under its own swap (cross-ablation). The last column runs each circuit on k2 with the *label* "
             "swapped instead: a label-agnostic continuation needs no label edge.\n\n")
     text = note + _table(header, rows)
