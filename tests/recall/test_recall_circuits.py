@@ -171,20 +171,28 @@ def test_patching_at_the_first_and_last_layer(run_dir):
     config = rundir.load_config(run_dir)
     model, _ = load_checkpoint(config, rundir.list_checkpoints(run_dir)[-1][1])
     cm = CircuitModel(model)
-    batch = swap_batch(config, config.eval, "label", 3, 8, seed=5)
-    assert torch.equal(batch.clean[:, : batch.label_pos], batch.swapped[:, : batch.label_pos])
-    assert not torch.equal(batch.clean[:, batch.label_pos], batch.swapped[:, batch.label_pos])
-    rows = {r["layer"]: r for r in token_swap_patching(cm, batch, batch.label_pos)}
+    batch = swap_batch(config, config.eval, "label", 3, 8, seed=5, donors=True)
+    pos = batch.label_pos
+    assert torch.equal(batch.clean[:, :pos], batch.swapped[:, :pos])
+    assert not torch.equal(batch.clean[:, pos], batch.swapped[:, pos])
+    # the donor: another configuration, the same labels slot by slot, its query opening the other slot
+    assert torch.equal(batch.donor[:, pos], batch.swapped[:, pos]) and not torch.equal(batch.donor, batch.swapped)
+    label_dims = slice(0, 2 * config.data.num_labels)
+    assert torch.equal(batch.donor[:, :pos, label_dims], batch.clean[:, :pos, label_dims])
+    rows = {r["layer"]: r for r in token_swap_patching(cm, batch, pos)}
     last = f"l{config.model.n_layer}"
-    for key in ("k1_needle", "k1_other", "k2_needle", "k2_other"):
-        # at layer 0 the patch *is* the swapped token: the patched run is the swapped run
+    for key in ("k1_needle", "k1_other", "k1_donor", "k2_needle", "k2_other"):
+        # at layer 0 the patch *is* the swapped token (the same label): the patched run is the swapped run
         assert rows["l0"][key] == pytest.approx(rows["swapped"][key], rel=1e-5, abs=1e-9)
-    # before the read-out only the label position's own prediction (k = 1) moves
-    assert rows[last]["k1_needle"] == pytest.approx(rows["swapped"]["k1_needle"], rel=1e-5, abs=1e-9)
+    # before the read-out only the label position's own prediction (k = 1) moves, to the donor's
+    assert rows[last]["k1_donor"] == pytest.approx(rows["donor"]["k1_donor"], rel=1e-5, abs=1e-9)
     assert rows[last]["k2_needle"] == pytest.approx(rows["clean"]["k2_needle"], rel=1e-5, abs=1e-9)
-    obs = swap_batch(config, config.eval, "observation", 3, 8, seed=5)
-    assert torch.equal(obs.clean[:, : obs.label_pos + 1], obs.swapped[:, : obs.label_pos + 1])
-    assert np.allclose(obs.swapped[:, obs.label_pos + 1, -config.data.state_dim:], obs.other[:, 0].numpy())
+    obs = swap_batch(config, config.eval, "observation", 3, 8, seed=5, donors=True)
+    assert torch.equal(obs.clean[:, : pos + 1], obs.swapped[:, : pos + 1])
+    assert np.allclose(obs.swapped[:, pos + 1, -config.data.state_dim:], obs.other[:, 0].numpy())
+    rows = {r["layer"]: r for r in token_swap_patching(cm, obs, pos + 1)}
+    assert rows[last]["k2_donor"] == pytest.approx(rows["donor"]["k2_donor"], rel=1e-5, abs=1e-9)
+    assert rows[last]["k1_needle"] == rows["clean"]["k1_needle"]  # k = 1 comes before the patched position
 
 
 def test_patching_and_circuits_reach_the_report_through_records(run_dir, tmp_path):
@@ -203,7 +211,8 @@ def test_patching_and_circuits_reach_the_report_through_records(run_dir, tmp_pat
     assert {"recall:h2,patch=label", "recall:h2,patch=observation", "recall:h2,circuit=k1,sparsity=0",
             "recall:h2,circuit=k2,sparsity=0"} <= tasks
     circuit = next(r for r in records if r["task"] == "recall:h2,circuit=k1,sparsity=0")
-    assert circuit["primary_metric"] == "recovered" and circuit["higher_is_better"]["recovered"] is True
+    assert circuit["primary_metric"] == "mse_to_model" and circuit["higher_is_better"]["mse_to_model"] is False
+    assert all(r["higher_is_better"].get("recovered", True) for r in records)
     assert circuit["metrics"]["edges_kept"] == 46 and circuit["metrics"]["mse_to_model"] < 1e-10
     made = {name: (board / name).read_text() for name in ("patching.md", "circuits.md")}
     assert "**label swap**" in made["patching.md"] and "patched at layer 2" in made["patching.md"]

@@ -6,35 +6,42 @@ probe) and ``observation`` replaces the first resumed observation with the other
 point. Recall (k = 1, predicted at the open label) reads the label; continuation (k = 2, predicted at the
 first resumed observation) can read the observation.
 
-*Activation patching* (the token-swap test, per layer): run the swapped query, take its residual stream at
-the swapped position where layer l reads it, and write it into the clean run there. Where the patched
-prediction follows the other system, the information the swap carries is still at that position at layer
-l; where the prediction is unmoved, it has already been moved elsewhere (or is not used).
+*Activation patching* (the token-swap test, per layer) takes the swapped token from *another configuration*:
+a donor query with other systems and states but the same label in every haystack slot, which re-opens the
+other system's slot. Its residual stream at the swapped position, where layer l reads it, is written into the
+clean run at that position. At layer 0 that is the swapped token itself (the prediction follows the clean
+context's other system, if the position's mechanism reads the token); at the read-out it is the donor's own
+prediction (it follows the donor's system). The layer where the patched prediction moves from the one to the
+other is where that position has gathered what it predicts from the context; the later position (k = 2 for a
+label patch) shows whether continuation reads the label position at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from .config import ConfigError, EvalConfig, RunConfig
-from .queries import QueryExample, build_example
+from .queries import QueryExample, build_example, layout_positions
 from .systems import make_corpus
 from .tokens import TokenLayout
 
 SWAPS = ("label", "observation")
 TARGETS = ("k1", "k2")
+#: whose state each error is measured against: the clean query's needle and other system, the donor's system
+WHOSE = ("needle", "other", "donor")
 
 
 @dataclass
 class SwapBatch:
-    """Clean and swapped queries (cut after the first resumed observation) with the answers at k = 1, 2.
+    """Clean, swapped and donor queries (cut after the first resumed observation) and the answers at k = 1, 2.
 
-    ``needle`` / ``other`` [N, 2, n]: the needle's and the other system's states at k = 1 and k = 2 after the
-    query label; ``example`` [N]: which haystack example each row comes from (for medians over traces)."""
+    ``needle`` / ``other`` / ``donor_truth`` [N, 2, n]: the needle's and the other system's states at k = 1 and
+    k = 2 after the query label, and the donor query's; ``example`` [N]: which haystack example each row comes
+    from (for medians over traces)."""
 
     clean: torch.Tensor
     swapped: torch.Tensor
@@ -42,17 +49,41 @@ class SwapBatch:
     other: torch.Tensor
     example: np.ndarray
     label_pos: int
+    donor: torch.Tensor | None = None
+    donor_truth: torch.Tensor | None = None
 
     def positions(self, target: str) -> int:
         """The position whose prediction is the target's (k1: at the open label; k2: at the first observation)."""
         return self.label_pos + TARGETS.index(target)
 
     def rows(self, index) -> SwapBatch:
+        def pick(t):
+            return None if t is None else t[index]
+
         return SwapBatch(self.clean[index], self.swapped[index], self.needle[index], self.other[index],
-                         self.example[index], self.label_pos)
+                         self.example[index], self.label_pos, pick(self.donor), pick(self.donor_truth))
+
+    def truth(self, whose: str) -> torch.Tensor:
+        return {"needle": self.needle, "other": self.other, "donor": self.donor_truth}[whose]
 
     def __len__(self) -> int:
         return self.clean.shape[0]
+
+
+def relabel(example: QueryExample, cfg: EvalConfig, layout: TokenLayout, labels: np.ndarray, query_slot: int
+            ) -> np.ndarray:
+    """The example's tokens with haystack slot j labelled ``labels[j]`` and the query opened with
+    ``labels[query_slot]``."""
+    tokens = example.tokens.copy()
+    opens, final_open = layout_positions(cfg)
+    label_dims = slice(0, 2 * layout.num_labels)
+    for j, pos in enumerate(opens):
+        for at, put in ((pos, layout.put_open), (pos + cfg.segment_obs + 1, layout.put_close)):
+            tokens[:, at, label_dims] = 0.0
+            put(tokens, at, labels[j])
+    tokens[:, final_open, label_dims] = 0.0
+    layout.put_open(tokens, final_open, labels[query_slot])
+    return tokens
 
 
 def swap_tokens(example: QueryExample, cfg: EvalConfig, layout: TokenLayout, swap: str) -> np.ndarray:
@@ -72,17 +103,19 @@ def swap_tokens(example: QueryExample, cfg: EvalConfig, layout: TokenLayout, swa
     return tokens
 
 
-def swap_batch(config: RunConfig, cfg: EvalConfig, swap: str, examples: int, traces: int, seed: int
-               ) -> SwapBatch:
+def swap_batch(config: RunConfig, cfg: EvalConfig, swap: str, examples: int, traces: int, seed: int,
+               donors: bool = False) -> SwapBatch:
     """``examples`` × ``traces`` clean/swapped query pairs on the validation systems, drawn from ``seed``
-    (distinct seeds give disjoint draws; the evaluation's own queries use ``eval.seed``)."""
+    (distinct seeds give disjoint draws; the evaluation's own queries use ``eval.seed``); ``donors`` adds a
+    donor query from another configuration for each (module docstring)."""
     if cfg.query_len < 2:
         raise ConfigError("token swaps need at least 2 observations after the query label (eval.query_obs)")
     layout = TokenLayout(config.data.state_dim, config.data.num_labels)
     systems = make_corpus(config.data).val
     other = (cfg.needle + 1) % cfg.haystack
     s = cfg.segment_obs
-    parts: dict[str, list] = {"clean": [], "swapped": [], "needle": [], "other": [], "example": []}
+    parts: dict[str, list] = {"clean": [], "swapped": [], "needle": [], "other": [], "example": [], "donor": [],
+                              "donor_truth": []}
     label_pos = 0
     for e in range(examples):
         ex = build_example(systems, cfg, layout, np.random.default_rng([seed, e]), traces=traces)
@@ -92,10 +125,19 @@ def swap_batch(config: RunConfig, cfg: EvalConfig, swap: str, examples: int, tra
         parts["needle"].append(ex.states[:, cfg.needle, s:s + 2])
         parts["other"].append(ex.states[:, other, s:s + 2])
         parts["example"].append(np.full(traces, e))
+        if donors:
+            donor = build_example(systems, replace(cfg, needle=other), layout,
+                                  np.random.default_rng([seed, 1_000_003, e]), traces=traces)
+            parts["donor"].append(relabel(donor, cfg, layout, ex.labels, other)[:, :cut])
+            parts["donor_truth"].append(donor.states[:, other, s:s + 2])
         label_pos = ex.final_open
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
-    return SwapBatch(*(torch.from_numpy(np.ascontiguousarray(cat[k])).float()
-                       for k in ("clean", "swapped", "needle", "other")), cat["example"], label_pos)
+    cat = {k: np.concatenate(v) for k, v in parts.items() if v}
+
+    def tensor(k):
+        return torch.from_numpy(np.ascontiguousarray(cat[k])).float() if k in cat else None
+
+    return SwapBatch(tensor("clean"), tensor("swapped"), tensor("needle"), tensor("other"), cat["example"],
+                     label_pos, tensor("donor"), tensor("donor_truth"))
 
 
 def squared_errors(pred: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
@@ -111,17 +153,16 @@ def median_of_medians(values: np.ndarray, example: np.ndarray) -> float:
 @torch.inference_mode()
 def token_swap_patching(circuit_model, batch: SwapBatch, position: int, chunk: int = 512) -> list[dict]:
     """Per layer l = 0..L (the residual stream where layer l reads it; L: before the read-out), the clean run
-    with the swapped run's residual written in at ``position``: errors at k = 1 and 2 against the needle's
-    and the other system's states. Two reference rows first: ``clean`` (no patch) and ``swapped`` (the
-    whole swapped run). Medians over traces, then over examples."""
+    with the donor run's residual written in at ``position``: errors at k = 1 and 2 against the needle's, the
+    other system's and the donor's states. Reference rows first: ``clean`` (no patch), ``swapped`` (the clean
+    context with the swapped token) and ``donor`` (the donor run). Medians over traces, then over examples."""
     preds: dict[str, list[torch.Tensor]] = {}
     n_layer = circuit_model.n_layer
-    names = ["clean", "swapped", *[f"l{layer}" for layer in range(n_layer + 1)]]
+    names = ["clean", "swapped", "donor", *[f"l{layer}" for layer in range(n_layer + 1)]]
     for start in range(0, len(batch), chunk):
         part = batch.rows(slice(start, start + chunk))
-        clean, _, _ = circuit_model.run(part.clean)
-        swapped, _, residuals = circuit_model.run(part.swapped)
-        runs = {"clean": clean, "swapped": swapped}
+        runs = {"clean": circuit_model.run(part.clean)[0], "swapped": circuit_model.run(part.swapped)[0]}
+        runs["donor"], _, residuals = circuit_model.run(part.donor)
         for layer in range(n_layer + 1):
             runs[f"l{layer}"], _, _ = circuit_model.run(part.clean, {layer: (position, residuals[layer][:, position])})
         for name in names:
@@ -131,8 +172,9 @@ def token_swap_patching(circuit_model, batch: SwapBatch, position: int, chunk: i
         pred = torch.cat(preds[name])  # [N, 2, n]
         row: dict = {"layer": name}
         for j, k in enumerate(TARGETS):
-            for who, truth in (("needle", batch.needle), ("other", batch.other)):
-                row[f"{k}_{who}"] = median_of_medians(squared_errors(pred[:, j], truth[:, j]), batch.example)
+            for whose in WHOSE:
+                truth = batch.truth(whose)[:, j]
+                row[f"{k}_{whose}"] = median_of_medians(squared_errors(pred[:, j], truth), batch.example)
         rows.append(row)
     return rows
 
@@ -146,12 +188,14 @@ def patching_report(model, config: RunConfig, cfg: EvalConfig, examples: int = 1
     circuit_model = CircuitModel(model.eval())
     out = {}
     for swap in swaps:
-        batch = swap_batch(config, cfg, swap, examples, traces, cfg.seed)
+        batch = swap_batch(config, cfg, swap, examples, traces, cfg.seed, donors=True)
         out[swap] = token_swap_patching(circuit_model, batch, batch.label_pos + SWAPS.index(swap))
     return out
 
 
 PATCHING_DIR = "patching"
+#: stored patching results of another layout (before donor queries) are measured again
+PATCHING_FORMAT = 2
 
 
 def patch_run(run_dir, examples: int | None = None, traces: int | None = None, step: int | None = None,
@@ -178,12 +222,13 @@ def patch_run(run_dir, examples: int | None = None, traces: int | None = None, s
     path = run_dir / rundir.EVALS / PATCHING_DIR / f"step_{step:08d}.json"
     if path.is_file() and not refresh:
         stored = rundir.read_json(path)
-        if stored.get("eval") == section_dict(config.eval) and examples in (None, stored["examples"]) \
-                and traces in (None, stored["traces"]):
+        if stored.get("format") == PATCHING_FORMAT and stored.get("eval") == section_dict(config.eval) \
+                and examples in (None, stored["examples"]) and traces in (None, stored["traces"]):
             return stored
     examples, traces = examples or 16, traces or 64
     model, counters = load_checkpoint(config, checkpoints[step])
-    out = {"step": step, "examples_trained": counters["examples"], "examples": examples, "traces": traces,
+    out = {"format": PATCHING_FORMAT, "step": step, "examples_trained": counters["examples"], "examples": examples,
+           "traces": traces,
            "eval": section_dict(config.eval), "rows": patching_report(model, config, config.eval, examples, traces)}
     rundir.write_json(path, out)
     return out
@@ -196,4 +241,5 @@ def stored_patching(run_dir) -> list[dict]:
     from . import rundir
 
     folder = Path(run_dir) / rundir.EVALS / PATCHING_DIR
-    return [rundir.read_json(p) for p in sorted(folder.glob("step_*.json"))] if folder.is_dir() else []
+    stored = [rundir.read_json(p) for p in sorted(folder.glob("step_*.json"))] if folder.is_dir() else []
+    return [s for s in stored if s.get("format") == PATCHING_FORMAT]

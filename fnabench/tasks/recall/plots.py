@@ -168,27 +168,25 @@ def plot_circuits(panels: Sequence[Sequence[tuple[str, dict]]], out: str | Path)
 
 
 def plot_patching(rows_by_swap: dict[str, list[dict]], out: str | Path, title: str = "") -> Path:
-    """Token-swap activation patching per layer: median squared error of the k = 1 and k = 2 predictions
-    against the needle's and the other system's states, with the unpatched and fully swapped runs as
-    dashed references."""
+    """Token-swap activation patching per layer: median squared error of the k = 1 and k = 2 predictions against
+    the needle's, the other system's and the donor's states."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(rows_by_swap), figsize=(5.0 * len(rows_by_swap), 3.6), squeeze=False)
-    styles = {"k1_needle": ("tab:blue", "-"), "k1_other": ("tab:blue", ":"), "k2_needle": ("tab:orange", "-"),
-              "k2_other": ("tab:orange", ":")}
+    fig, axes = plt.subplots(1, len(rows_by_swap), figsize=(5.0 * len(rows_by_swap), 3.8), squeeze=False)
+    colors = {"needle": "tab:blue", "other": "tab:orange", "donor": "tab:green"}
     for ax, (swap, rows) in zip(axes[0], rows_by_swap.items(), strict=True):
         layers = [r for r in rows if r["layer"].startswith("l")]
         x = [int(r["layer"][1:]) for r in layers]
-        for key, (color, ls) in styles.items():
-            k, who = key.split("_")
-            ax.plot(x, [r[key] for r in layers], color=color, ls=ls, marker="o", ms=3,
-                    label=f"k={k[1]} vs {who}")
-        ax.set_xticks(x, [f"{i}" if i < len(x) - 1 else f"{i}\n(out)" for i in x], fontsize=8)
-        ax.set_xlabel("residual stream patched where layer ... reads it")
+        for key in (k for k in layers[0] if k != "layer"):
+            k, whose = key.split("_")
+            ax.plot(x, [r[key] for r in layers], color=colors[whose], ls="-" if k == "k1" else ":", marker="o", ms=3,
+                    label=f"k={k[1]} vs {whose}")
+        ax.set_xticks(x, [str(i) if i < len(x) - 1 else f"{i}\n(read-out)" for i in x], fontsize=8)
+        ax.set_xlabel("layer whose input is patched")
         ax.set_ylabel("median squared error")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.set_title(f"{swap} swap, patched at the {swap} position", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+        ax.set_title(f"{swap} position patched from the donor", fontsize=9)
+    axes[0][0].legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

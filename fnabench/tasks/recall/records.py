@@ -186,7 +186,7 @@ def _intervention_results(run_dir: Path, config: RunConfig, costs: dict, started
         for swap, rows in stored["rows"].items():
             ref = {r["layer"]: r for r in rows}
             k = "k1" if swap == "label" else "k2"
-            metrics = {f"{key}_{layer}": ref[layer][key] for layer in ("clean", "swapped")
+            metrics = {f"{key}_{layer}": ref[layer][key] for layer in ("clean", "swapped", "donor")
                        for key in ("k1_needle", "k2_needle")}
             result = _base_result(config, costs, run_dir, f"{config.eval.name},patch={swap}", stored["step"],
                                   stored["examples_trained"],
@@ -208,7 +208,7 @@ def _intervention_results(run_dir: Path, config: RunConfig, costs: dict, started
         sparsity = circuit["settings"]["sparsity"]
         result = _base_result(config, costs, run_dir, f"{config.eval.name},circuit={target},sparsity={sparsity:g}",
                               circuit["step"], circuit["examples"],
-                              {"circuit": target, "prune": circuit["settings"]}, metrics, "recovered",
+                              {"circuit": target, "prune": circuit["settings"]}, metrics, "mse_to_model",
                               {"recovered", "cross_recovered"}, started, _file_time(path))
         result["items"] = {"query examples": circuit["settings"]["test_examples"],
                            "traces per example": circuit["settings"]["test_traces"]}

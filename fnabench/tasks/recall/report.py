@@ -206,26 +206,30 @@ def circuit_table(runs: Sequence[tuple[str, dict[str, dict]]]) -> str:
     return text
 
 
-PATCH_COLUMNS = (("k1_needle", "k=1 vs needle"), ("k1_other", "k=1 vs other"), ("k2_needle", "k=2 vs needle"),
-                 ("k2_other", "k=2 vs other"))
+PATCH_COLUMNS = (("k1_needle", "k=1 vs needle"), ("k1_other", "k=1 vs other"), ("k1_donor", "k=1 vs donor"),
+                 ("k2_needle", "k=2 vs needle"), ("k2_other", "k=2 vs other"), ("k2_donor", "k=2 vs donor"))
+_ROW_NAMES = {"clean": "clean", "swapped": "token swapped (clean context)", "donor": "donor run"}
 
 
 def patching_table(rows_by_swap: dict[str, list[dict]], runs: Sequence[tuple[str, dict[str, list[dict]]]] = ()
                    ) -> str:
-    """Token-swap activation patching, one table per swap: the clean and swapped runs, then the residual stream
-    patched at the swapped position where each layer reads it; median errors against the needle's and the
-    other system's states at k = 1, 2 (several runs: median over runs [min–max])."""
+    """Token-swap activation patching, one table per swap: the clean, token-swapped and donor runs, then the
+    donor's residual stream patched into the clean run at the swapped position where each layer reads it;
+    median errors at k = 1, 2 against the needle's, the other system's and the donor's states (several runs:
+    median over runs [min–max])."""
     runs = list(runs) or [("", rows_by_swap)]
-    text = ("Token swap at one position (label: the query's open label becomes the next haystack system's; "
-            "observation: the first resumed observation becomes that system's state). Rows: the clean query, the "
-            "swapped query, then the clean query with the swapped run's residual stream written in at the swapped "
-            "position where layer l reads it (l = L: before the read-out). Median squared error (traces, then "
-            f"examples){' — median over ' + str(len(runs)) + ' runs [min–max]' if len(runs) > 1 else ''}.\n")
+    over = f" — median over {len(runs)} runs [min–max]" if len(runs) > 1 else ""
+    text = ("Token swap at one position (label: the query's open label becomes the next haystack system's, the "
+            "*other*; observation: the first resumed observation becomes the other's state). Activation patching "
+            "takes that position from a *donor*: a query from another configuration (other systems and states, the "
+            "same label in every slot) re-opening the other's slot; its residual stream at the position, where "
+            "layer l reads it, is written into the clean run (l = 0: the donor's token; l = L: its read-out "
+            "input). Rows: the clean query, the clean context with the token swapped, the donor run, then the "
+            f"patched runs. Median squared error (traces, then examples){over}.\n")
     for swap in runs[0][1]:
         rows = []
         for i, row in enumerate(runs[0][1][swap]):
-            name = {"clean": "clean", "swapped": "swapped (whole run)"}.get(row["layer"], f"patched at layer "
-                                                                                       f"{row['layer'][1:]}")
+            name = _ROW_NAMES.get(row["layer"], f"patched at layer {row['layer'][1:]}")
             cells = [name]
             for key, _ in PATCH_COLUMNS:
                 values = [run[1][swap][i][key] for run in runs]
