@@ -178,6 +178,11 @@ def _cmd_report(args) -> int:
         harness.store([rec for r in args.run_dirs for rec in records_from_run(r)], results_dir)
         runs = runs_from_records(harness.require_records(results_dir))
     out = harness.output_path(out, "--out-dir", folder=True)
+    for run in runs:
+        step, planned = run["summary"]["steps"][-1], run["config"].train.steps
+        if step < planned:
+            print(f"{PROG} report: warning: {run['label']} is unfinished (last checkpoint step {step:,} of "
+                  f"{planned:,}); emergence.md marks it", file=sys.stderr)
     tables = report_files(runs)
     for name, text in tables.items():
         rundir.atomic_write_text(out / name, text)

@@ -38,15 +38,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def emergence_table(runs: Sequence[tuple[str, dict, dict]]) -> str:
-    """Rows (label, eval summary, costs): when k=1 and k=2 emerge (examples, GFLOPs), their ratio, final errors,
-    then a spread row over runs (min / median / max)."""
+def emergence_table(runs: Sequence[tuple]) -> str:
+    """Rows (label, eval summary, costs[, configured training steps]): when k=1 and k=2 emerge (examples, GFLOPs),
+    their ratio, final errors, then a spread row over runs (min / median / max). A run whose last checkpoint is
+    before its configured steps is marked unfinished (its "never" may only mean "not yet")."""
     header = ["run", "params", "k=2 emerges (examples)", "k=2 (train GFLOPs)", "k=1 emerges (examples)",
               "k=1 (train GFLOPs)", "k=1 ÷ k=2", "final k=1 err", "final k=2 err", "zero pred.",
               "examples trained", "train time (s)"]
-    rows, k1s, k2s, ratios = [], [], [], []
-    sustained = any(summary["emergence"]["1"].get("rule") == "sustained" for _, summary, _ in runs)
-    for label, summary, costs in runs:
+    rows, k1s, k2s, ratios, unfinished = [], [], [], [], []
+    sustained = any(run[1]["emergence"]["1"].get("rule") == "sustained" for run in runs)
+    for label, summary, costs, *planned in runs:
         e1, e2 = summary["emergence"]["1"], summary["emergence"]["2"]
         x1, x2 = emergence_point(e1), emergence_point(e2)
         ratio = x1 / x2 if x1 and x2 else None
@@ -60,6 +61,10 @@ def emergence_table(runs: Sequence[tuple[str, dict, dict]]) -> str:
             _num(summary["zero"]["final"]["1"]["median"]), f"{summary['examples'][-1]:,}",
             f"{summary['seconds'][-1]:.0f}",
         ])
+        step = summary["steps"][-1]
+        if planned and planned[0] is not None and step < planned[0]:
+            rows[-1][-2] += f" (unfinished: step {step:,} of {planned[0]:,})"
+            unfinished.append(label)
     if len(runs) > 1:
         rows.append(["**spread** (min / median / max)", "", _spread(k2s, count=True), "", _spread(k1s, count=True),
                      "", _spread(ratios), "", "", "", "", ""])
@@ -72,7 +77,11 @@ def emergence_table(runs: Sequence[tuple[str, dict, dict]]) -> str:
                 "observations after the query's open label is below half the zero predictor's (in brackets: the "
                 "checkpoint from which it stays below). ")
     note += "GFLOPs count forward + backward of every training step (2 × multiply-adds).\n\n"
-    return note + _table(header, rows)
+    text = note + _table(header, rows)
+    if unfinished:
+        text += (f"\n**Unfinished:** {', '.join(unfinished)} stopped before the configured training steps; a k "
+                 "that has not emerged there may still emerge, and a sustained point may still move.\n")
+    return text
 
 
 def _g(flops: int | None) -> float | None:
@@ -143,7 +152,8 @@ def report_files(runs: Sequence[dict]) -> dict[str, str]:
     seeds = ", ".join(str(run["config"].train.seed) for run in runs)
     first = runs[0]["config"]
     files = {
-        "emergence.md": emergence_table([(run["label"], run["summary"], run["costs"]) for run in runs]),
+        "emergence.md": emergence_table([(run["label"], run["summary"], run["costs"], run["config"].train.steps)
+                                         for run in runs]),
         "ood.md": ood_table([(run["label"], run["probes"]) for run in runs]),
         "preset.toml": to_toml(first, f"recall preset {first.preset!r}; seeds {seeds}"),
     }
