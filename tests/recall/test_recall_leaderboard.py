@@ -13,7 +13,7 @@ from fnabench.harness.records import RecordError, read_records
 from fnabench.harness.suites import make_record
 from fnabench.tasks.recall import cli as recall_cli
 from fnabench.tasks.recall.records import runs_from_records
-from fnabench.tasks.recall.report import REPORT_FILES, report_files
+from fnabench.tasks.recall.report import INTERVENTION_FILES, REPORT_FILES, report_files
 
 BOARD = Path(__file__).resolve().parents[2] / "leaderboards" / "recall-cpu"
 
@@ -31,20 +31,26 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_committed_recall_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
-    """Every file of leaderboards/recall-cpu but dynamics.png (which needs the run directories) comes back byte
-    for byte from its records and description.md, through the command its README names."""
-    copy = tmp_path / "leaderboards" / "recall-cpu"
-    shutil.copytree(BOARD, copy)
+def _regenerated(name: str, tmp_path: Path, monkeypatch, boards: Path = BOARD.parent
+                 ) -> tuple[dict[str, bytes], list[dict]]:
+    """Every file of leaderboards/NAME but its pictures (which need the run directories) comes back byte for byte
+    from its records and description.md, through the command its README names: (committed files, records)."""
+    copy = tmp_path / "leaderboards" / name
+    if boards / name != copy:
+        shutil.copytree(boards / name, copy)
     committed = _files(copy)
-    for name in ("README.md", *REPORT_FILES):
-        (copy / name).unlink()
+    for file in ("README.md", *REPORT_FILES, *INTERVENTION_FILES):
+        (copy / file).unlink(missing_ok=True)
     monkeypatch.chdir(tmp_path)
-    command = "fnabench recall report --from-records=leaderboards/recall-cpu/records --out-dir=leaderboards/recall-cpu"
+    command = f"fnabench recall report --from-records=leaderboards/{name}/records --out-dir=leaderboards/{name}"
     assert f"- command: `{command}`" in committed["README.md"].decode()
     assert main(command.split()[1:]) == 0
     assert _files(copy) == committed
-    records = read_records(copy / "records")
+    return committed, read_records(copy / "records")
+
+
+def test_committed_recall_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    committed, records = _regenerated("recall-cpu", tmp_path, monkeypatch)
     assert len(records) == 15 and {r["model"] for r in records} == {f"gpt2-recall:cpu@seed{s}" for s in (0, 1, 2)}
     assert all(r["variant"] == "exact:impl=sdpa" and r["timing"] is None and r["flops"]["total"] == 9_959_680
                for r in records)
@@ -53,6 +59,55 @@ def test_committed_recall_leaderboard_regenerates_from_its_records(tmp_path, mon
     assert "### recall:h3 — primary metric: err_k1 (lower is better)" in readme
     assert "[emergence.md](emergence.md)" in readme and "[dynamics.png](dynamics.png)" in readme
     assert "records.jsonl" not in {p.name for p in BOARD.iterdir()}
+
+
+#: the committed recall report boards besides recall-cpu (tested above): recall-cpu-n5 once its seeds are published
+REPORT_BOARDS = sorted(p.name for p in BOARD.parent.glob("recall-cpu?*") if (p / "emergence.md").is_file())
+
+
+@pytest.mark.parametrize("name", REPORT_BOARDS)
+def test_every_committed_recall_report_board_regenerates_from_its_records(name, tmp_path, monkeypatch):
+    _, records = _regenerated(name, tmp_path, monkeypatch)
+    assert {r["recall"]["preset"] for r in records} == {name.removeprefix("recall-")}
+
+
+def test_cpu_n5_board_is_made_from_runs_then_rebuilt_from_its_records(tmp_path, monkeypatch, capsys):
+    """The two commands that make leaderboards/recall-cpu-n5 (README), on two tiny runs of the n5 config file
+    (state dimension 5, sustained emergence rule; one run stopped early): the first evaluates the runs and
+    publishes their records with the pictures, the second rebuilds every table from the records alone, and
+    rebuilding again changes nothing."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    config = BOARD.parents[1] / "configs" / "recall_cpu_n5.toml"
+    tiny = [f"--set={k}" for k in ("model.n_layer=2", "model.n_embd=32", "model.n_head=2", "train.batch=8",
+                                   "train.checkpoint_every=10", "data.train_systems=300", "data.val_systems=20",
+                                   "eval.examples=3", "eval.traces=4")]
+    for seed, until in ((0, 30), (1, 20)):  # seed 1 stops early
+        assert recall_cli.main(["train", "--config", str(config), *tiny, "--steps", "30", "--until-step", str(until),
+                                "--seed", str(seed), "--out", f"runs/n5-s{seed}", "--threads", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    board = tmp_path / "leaderboards" / "recall-cpu-n5"
+    assert main(["recall", "report", "runs/n5-s0", "runs/n5-s1", "--out-dir", "leaderboards/recall-cpu-n5",
+                 "--threads", "1", "--quiet", "--no-patch"]) == 0  # (patching is the other report test's)
+    assert "cpu-n5 seed 1 is unfinished (last checkpoint step 20 of 30)" in capsys.readouterr().err
+    (board / "description.md").write_text("**Continuation before recall at state dimension 5.**\n")
+    command = "fnabench recall report --from-records=leaderboards/recall-cpu-n5/records " \
+              "--out-dir=leaderboards/recall-cpu-n5"
+    assert main(command.split()[1:]) == 0
+    committed, records = _regenerated("recall-cpu-n5", tmp_path, monkeypatch, boards=tmp_path / "leaderboards")
+    assert {r["model"] for r in records} == {"gpt2-recall:cpu-n5@seed0", "gpt2-recall:cpu-n5@seed1"}
+    assert {r["recall"]["config"]["data"]["state_dim"] for r in records} == {5}
+    readme = committed["README.md"].decode()
+    assert readme.startswith("# Leaderboard: recall-cpu-n5\n\n**Continuation before recall at state dimension 5")
+    assert "### recall:h5 — primary metric: err_k1 (lower is better)" in readme
+    for name in ("emergence.md", "ood.md", "preset.toml", "dynamics.png"):
+        assert name in committed and f"[{name}]({name})" in readme
+    emergence = committed["emergence.md"].decode()
+    assert emergence.startswith("Emergence (sustained)") and "(unfinished: step 20 of 30)" in emergence
+    assert "**Unfinished:** cpu-n5 seed 1 stopped" in emergence and "| cpu-n5 seed 0 |" in emergence
+    assert "(unfinished" not in emergence.split("| cpu-n5 seed 0 |")[1].split("\n")[0]
+    assert "state_dim = 5" in committed["preset.toml"].decode()
 
 
 def test_report_writes_harness_records_that_publish_turns_into_the_folder(run_dir, tmp_path):
@@ -74,12 +129,12 @@ def test_report_writes_harness_records_that_publish_turns_into_the_folder(run_di
     assert "### recall:h2 — primary metric: err_k1 (lower is better)" in readme
     assert "| gpt2-recall:smoke@seed0 | exact" in readme and "speed-up: not measured" in readme
     assert "- command: `fnabench recall report " in readme and "[ood.md](ood.md)" in readme
-    made = {name: (board / name).read_text() for name in REPORT_FILES}
+    made = {name: (board / name).read_text() for name in (*REPORT_FILES, "patching.md")}  # report patches each run
     assert "| smoke seed 0 |" in made["emergence.md"] and "misdirected label" in made["ood.md"]
     # the same tables come back from the records alone: one path from the records to every table
     again = tmp_path / "again"
     assert main(["recall", "report", "--from-records", str(board / "records"), "--out-dir", str(again)]) == 0
-    assert {name: (again / name).read_text() for name in REPORT_FILES} == made
+    assert {name: (again / name).read_text() for name in made} == made
     assert report_files(runs_from_records(records)) == made
     def body(text: str) -> list[str]:  # all but the title, the command and the list of the suite's files
         return [line for line in text.splitlines()[1:] if not line.startswith(("- command:", "- also in this"))]

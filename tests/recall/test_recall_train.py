@@ -132,3 +132,61 @@ def test_seeds_differ_and_configs_are_guarded(tmp_path):
         train(tmp_path / "s3", other, progress=False)
     with pytest.raises(ConfigError, match="divisible"):
         replace(TINY, model=replace(TINY.model, n_head=5)).validate()
+
+
+def test_warm_up_resumes_bit_exactly_and_ramps_the_learning_rate(tmp_path):
+    config = replace(TINY, train=replace(TINY.train, warmup=8))
+    assert [config.train.lr_at(s) for s in (0, 3, 7, 8, 100)] == pytest.approx([3e-3 / 8, 3e-3 / 2, 3e-3, 3e-3, 3e-3])
+    unbroken = train(tmp_path / "a", config, progress=False)
+    train(tmp_path / "b", config, until_step=5, progress=False)
+    train(tmp_path / "b", progress=False)
+    a = torch.load(rundir.step_path(tmp_path / "a", 12), weights_only=False)["model"]
+    b = torch.load(rundir.step_path(tmp_path / "b", 12), weights_only=False)["model"]
+    assert unbroken.step == 12 and all(torch.equal(a[k], b[k]) for k in a)
+    train(tmp_path / "c", TINY, progress=False)
+    plain = torch.load(rundir.step_path(tmp_path / "c", 12), weights_only=False)["model"]
+    assert not torch.equal(plain["read_in.weight"], a["read_in.weight"])  # the warm-up changed the run
+    assert torch.load(tmp_path / "a" / rundir.RESUME, weights_only=False)["optimizer"]["param_groups"][0]["lr"] == 3e-3
+
+
+def test_later_keys_leave_older_identities_alone(tmp_path):
+    from fnabench.tasks.recall.config import read_toml, section_dict
+    from fnabench.tasks.recall.presets import get_preset
+    from fnabench.tasks.recall_task import run_folder
+
+    cpu = get_preset("cpu").to_dict()
+    assert "warmup" not in cpu["train"] and "emergence_rule" not in cpu["eval"]
+    assert run_folder("cpu", 0)[0].name == "cpu-seed0-b998bb5fcb"  # the cache of runs trained before these keys
+    n5 = get_preset("cpu-n5")
+    assert n5.to_dict()["eval"]["emergence_rule"] == "sustained"
+    assert section_dict(replace(n5.train, warmup=3))["warmup"] == 3
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for name, preset in (("recall_cpu.toml", "cpu"), ("recall_cpu_n5.toml", "cpu-n5")):
+        assert RunConfig.from_dict(read_toml(root / name)).to_dict() == get_preset(preset).to_dict()
+    # a run's evaluation settings may change on resume (they do not change its weights); its training may not
+    train(tmp_path / "r", TINY, until_step=4, progress=False)
+    relabelled = replace(TINY, eval=replace(TINY.eval, emergence_rule="sustained", examples=2))
+    train(tmp_path / "r", relabelled, until_step=6, progress=False)
+    assert rundir.load_config(tmp_path / "r").eval.emergence_rule == "sustained"
+    with pytest.raises(ConfigError, match="different config"):
+        train(tmp_path / "r", replace(TINY, train=replace(TINY.train, warmup=2)), progress=False)
+    with pytest.raises(ConfigError, match="emergence_rule must be one of first, sustained"):
+        replace(TINY, eval=replace(TINY.eval, emergence_rule="late")).validate()
+
+
+def test_the_sustained_rule_names_the_stay_below_point():
+    from fnabench.tasks.recall.evaluate import emergence
+    from fnabench.tasks.recall.metrics import emergence_point
+    from fnabench.tasks.recall.report import emergence_table
+
+    medians = [0.9, 0.3, 0.8, 0.3, 0.2, 0.1]
+    summary = {"zero": {"final": {"1": {"median": 1.0}}}, "model": {"final": {"1": {"median": medians}}},
+               "steps": list(range(6)), "examples": [10 * s for s in range(6)], "flops": [100 * s for s in range(6)]}
+    first, sustained = emergence(summary, "1", 0.5), emergence(summary, "1", 0.5, "sustained")
+    assert emergence_point(first) == 10 and emergence_point(sustained) == 30 and "rule" not in first
+    assert emergence_point(sustained, "flops") == 300
+    curves = {k: {"median": medians, "q25": medians, "q75": medians} for k in ("1", "2")}
+    run = {**summary, "model": {"final": curves}, "zero": {"final": {"1": {"median": 1.0}, "2": {"median": 1.0}}},
+           "seconds": [0.0] * 6, "emergence": {"1": sustained, "2": emergence(summary, "1", 0.5, "sustained")}}
+    table = emergence_table([("r", run, {"parameters": 1})])
+    assert table.startswith("Emergence (sustained)") and "| 30 (first below at 10) |" in table

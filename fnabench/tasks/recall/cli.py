@@ -1,4 +1,5 @@
-"""Command line: ``train``, ``eval``, ``plot``, ``report``, ``throughput`` and ``icl`` for the recall suite.
+"""Command line: ``train``, ``eval``, ``plot``, ``report``, ``throughput``, ``prune``, ``patch``, ``icl`` and
+``icl-train`` for the recall suite.
 
 Mounted by the harness as ``fnabench recall <command>`` through :func:`add_arguments` (each command sets
 ``func``; call ``sys.exit(args.func(args))``), or standalone: ``python -m fnabench.tasks.recall.cli``.
@@ -16,6 +17,7 @@ from pathlib import Path
 from ..._argparse import OneLineParser
 from ..._errors import guarded
 from .config import PROBES, ConfigError, apply_overrides, parse_assignments, read_toml
+from .metrics import emergence_point
 from .presets import PRESETS, get_preset
 
 PROG = "fnabench recall"
@@ -119,7 +121,8 @@ def _emergence_line(run, summary: dict) -> str:
         point = summary["emergence"].get(k)
         if point is None:
             continue
-        where = "never" if point["examples"] is None else f"{point['examples']:,} examples"
+        examples = emergence_point(point)
+        where = "never" if examples is None else f"{examples:,} examples"
         parts.append(f"k={k} emerges at {where} (final err {summary['model']['final'][k]['median'][-1]:.3f})")
     probe = "" if summary["probe"] == "none" else f" probe={summary['probe']}"
     return f"{run} [{summary['task']}{probe}]: " + "; ".join(parts)
@@ -149,6 +152,7 @@ def _cmd_plot(args) -> int:
 def _cmd_report(args) -> int:
     from . import rundir
     from .evaluate import evaluate_probes
+    from .interventions import patch_run
     from .plots import plot_dynamics
     from .records import records_from_run, runs_from_records
     from .report import report_files
@@ -168,20 +172,48 @@ def _cmd_report(args) -> int:
         summaries = _main_summaries(sorted(args.run_dirs, key=_run_order), args.quiet)
         for run in args.run_dirs:
             evaluate_probes(run, progress=not args.quiet)
+            if not args.no_patch:
+                patch_run(run)
         results_dir = Path(args.results) if args.results else Path("results") / out.name
         harness.store([rec for r in args.run_dirs for rec in records_from_run(r)], results_dir)
         runs = runs_from_records(harness.require_records(results_dir))
     out = harness.output_path(out, "--out-dir", folder=True)
+    for run in runs:
+        step, planned = run["summary"]["steps"][-1], run["config"].train.steps
+        if step < planned:
+            print(f"{PROG} report: warning: {run['label']} is unfinished (last checkpoint step {step:,} of "
+                  f"{planned:,}); emergence.md marks it", file=sys.stderr)
     tables = report_files(runs)
     for name, text in tables.items():
         rundir.atomic_write_text(out / name, text)
+    pictures = []
     if summaries is not None:
         plot_dynamics(summaries, out / "dynamics.png")
+        pictures.append("dynamics.png")
+        pictures += _intervention_pictures(runs, out)
     (out / "records.jsonl").unlink(missing_ok=True)  # what report wrote before its records went through publish
     harness.publish(results_dir, out, command=_report_command(args))
-    print(f"{out}: README.md and records/ (publish), {', '.join(tables)}"
-          + (", dynamics.png" if summaries is not None else "") + f"; records in {results_dir}")
+    print(f"{out}: README.md and records/ (publish), {', '.join([*tables, *pictures])}; records in {results_dir}")
     return 0
+
+
+def _intervention_pictures(runs: list[dict], out: Path) -> list[str]:
+    """``patching.png`` (each run's label-swap patching) and ``circuits-sS.png`` (a row of circuits per run)."""
+    from .plots import plot_circuits, plot_patching
+
+    made = []
+    for run in runs:
+        if run.get("patching"):
+            name = f"patching-seed{run['config'].train.seed}.png"
+            plot_patching(run["patching"], out / name, title=run["label"])
+            made.append(name)
+    for sparsity in sorted({s for run in runs for s in run.get("circuits", {})}):
+        grid = [[(f"{run['label']}: {t} circuit, {c['edges_kept']}/{c['edges_total']} edges", c)
+                 for t, c in run["circuits"][sparsity].items()] for run in runs if sparsity in run.get("circuits", {})]
+        name = f"circuits-s{sparsity:g}.png"
+        plot_circuits(grid, out / name)
+        made.append(name)
+    return made
 
 
 def _run_order(run) -> tuple:
@@ -213,24 +245,131 @@ def _cmd_throughput(args) -> int:
     return 0
 
 
+#: keys an ``icl --config`` TOML may set (its [icl] table), each also a command-line option that overrides it
+ICL_KEYS = ("model", "task", "shots", "max_examples", "input_prefix", "output_prefix", "device", "dtype",
+            "every", "cache_dir", "out", "tokenizer", "evict")
+
+
+def _icl_settings(args) -> dict:
+    settings: dict = {}
+    if args.config:
+        raw = read_toml(args.config)
+        table = raw.get("icl", raw)
+        unknown = sorted(set(table) - set(ICL_KEYS))
+        if unknown:
+            raise ConfigError(f"{args.config}: unknown [icl] key(s) {', '.join(unknown)}; valid: {', '.join(ICL_KEYS)}")
+        settings.update(table)
+    for key in ICL_KEYS:
+        value = getattr(args, key if key != "model" else "all_steps", None)
+        if value is not None:
+            settings[key] = value
+    for key in ("task", "out"):
+        if not settings.get(key):
+            raise ConfigError(f"icl needs --{key} (or '{key}' in --config)")
+    return settings
+
+
 def _cmd_icl(args) -> int:
     from . import rundir
-    from .icl import hub_step_revisions, load_task, sweep
+    from .icl import hub_step_revisions, load_task, load_tokenizer, sweep
     from .plots import plot_icl
 
-    task = load_task(args.task, args.input_prefix, args.output_prefix)
+    s = _icl_settings(args)
+    task = load_task(s["task"], s.get("input_prefix"), s.get("output_prefix"))
     checkpoints = list(args.checkpoints or [])
-    if args.all_steps:
-        checkpoints += hub_step_revisions(args.all_steps)
+    if s.get("model"):
+        checkpoints += hub_step_revisions(s["model"], int(s.get("every", 1)))
     if not checkpoints:
         raise ConfigError("give checkpoints (directories or HUB_ID@REVISION) or --all-steps HUB_ID")
-    rows = sweep(checkpoints, task, shots=args.shots, max_examples=args.max_examples, device=args.device)
-    out = Path(args.out)
+    out = Path(s["out"])
+    tokenizer = load_tokenizer(s["tokenizer"], s.get("cache_dir")) if s.get("tokenizer") else None
+
+    def show(row: dict) -> None:
+        if not args.quiet:
+            print(f"{row['checkpoint']}: first {row['first_accuracy']:.3f}, second {row['second_accuracy']:.3f}",
+                  file=sys.stderr)
+
+    rows = sweep(checkpoints, task, tokenizer=tokenizer, shots=int(s.get("shots", 1)),
+                 max_examples=s.get("max_examples"), device=s.get("device", "cpu"), dtype=s.get("dtype", "float32"),
+                 cache_dir=s.get("cache_dir"), out=out, refresh=args.refresh, evict=bool(s.get("evict")),
+                 progress=show)
+    rows = sorted(rows, key=lambda row: (row["tokens"] is None, row["tokens"] or 0, row["step"]))
     rundir.write_json(out / "icl.json", rows)
-    plot_icl(rows, out / "icl.png")
+    plot_icl(rows, out / "icl.png", title=f"first vs second target token: {Path(s['task']).parent.name or s['task']}")
     for row in rows:
-        print(f"step {row['step']}: first {row['first_accuracy']:.3f} (n={row['n_first']}), "
+        tokens = "" if row.get("tokens") is None else f", {row['tokens']:,} tokens"
+        print(f"step {row['step']}{tokens}: first {row['first_accuracy']:.3f} (n={row['n_first']}), "
               f"second {row['second_accuracy']:.3f} (n={row['n_second']})")
+    return 0
+
+
+def _cmd_icl_train(args) -> int:
+    from .icl_toy import ToySettings, train_toy_lm
+    from .train import set_threads
+
+    set_threads(args.threads)
+    settings = ToySettings(steps=args.steps, save_every=args.save_every, seed=args.seed)
+    folders = train_toy_lm(args.out, settings, progress=not args.quiet)
+    print(f"{args.out}: {len(folders)} checkpoints ({folders[0].name} … {folders[-1].name}) and task.json; sweep "
+          f"them with: fnabench recall icl {args.out}/step* --task {args.out}/task.json --out OUT")
+    return 0
+
+
+def _prune_settings(args, sparsity: float):
+    from .prune import PruneSettings
+
+    sizes = {k: getattr(args, k) for k in ("examples", "traces", "test_examples", "test_traces", "batch")
+             if getattr(args, k) is not None}
+    return PruneSettings(sparsity=sparsity, steps=args.steps, lr=args.lr, lambda_lr=args.lr, seed=args.seed,
+                         **sizes).validate()
+
+
+def _cmd_prune(args) -> int:
+    from . import rundir
+    from .plots import plot_circuits
+    from .prune import PRUNE_DIR, prune_run
+    from .report import circuit_table
+    from .train import set_threads
+
+    set_threads(args.threads)
+    targets = args.target or ["k1", "k2"]
+    for run in args.run_dirs:
+        config = rundir.load_config(run)
+        for sparsity in args.sparsity:
+            settings = _prune_settings(args, sparsity)
+            circuits = {}
+            for target in targets:
+                def show(h, target=target, run=run):
+                    if not args.quiet:
+                        print(f"[{run} {target} step {h['step']}] faithfulness MSE {h['faithful_mse']:.4f}, "
+                              f"expected sparsity {h['expected_sparsity']:.3f} (target {h['target_sparsity']:.3f})",
+                              file=sys.stderr)
+
+                circuits[target] = prune_run(run, target, settings, step=args.step, refresh=args.refresh,
+                                             progress=show)
+            step = next(iter(circuits.values()))["step"]
+            folder = Path(run) / PRUNE_DIR / f"step{step}"
+            label = f"{config.preset} seed {config.train.seed}"
+            picture = plot_circuits([[(f"{label}: {t} circuit, {c['edges_kept']}/{c['edges_total']} edges", c)
+                                      for t, c in circuits.items()]], folder / f"circuits-s{sparsity:g}.png")
+            table = circuit_table([(label, circuits)])
+            rundir.atomic_write_text(folder / f"circuits-s{sparsity:g}.md", table)
+            print(table)
+            print(picture)
+    return 0
+
+
+def _cmd_patch(args) -> int:
+    from .interventions import patch_run
+    from .plots import plot_patching
+    from .report import patching_table
+    from .train import set_threads
+
+    set_threads(args.threads)
+    for run in args.run_dirs:
+        result = patch_run(run, args.examples, args.traces, step=args.step, refresh=args.refresh)
+        print(patching_table(result["rows"]))
+        print(plot_patching(result["rows"], Path(run) / "patching.png", title=f"{run} at step {result['step']}"))
     return 0
 
 
@@ -238,7 +377,7 @@ def _cmd_icl(args) -> int:
 
 
 def add_arguments(subparsers) -> None:
-    """Register ``train``, ``eval``, ``plot``, ``report``, ``throughput`` and ``icl`` on an argparse subparsers."""
+    """Register the suite's commands (module docstring) on an argparse subparsers."""
     p = subparsers.add_parser("train", help="train (or resume) a recall model",
                               description="Train a GPT-2 on interleaved traces; resumes when OUT holds the run.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: medium)")
@@ -282,6 +421,7 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--results", help="results folder for the records (default results/NAME of --out-dir)")
     p.add_argument("--from-records", metavar="RESULTS",
                    help="rebuild from these records instead of run dirs (e.g. leaderboards/recall-cpu/records)")
+    p.add_argument("--no-patch", action="store_true", help="skip the token-swap patching of each run's last checkpoint")
     _common(p)
     p.set_defaults(func=_cmd_report)
 
@@ -292,17 +432,79 @@ def add_arguments(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_cmd_throughput)
 
-    p = subparsers.add_parser("icl", help="first- vs second-token ICL accuracy over LM checkpoints")
+    p = subparsers.add_parser("icl", help="first- vs second-token ICL accuracy over LM checkpoints",
+                              description="Greedy first-token and (true first given) second-token accuracy of a "
+                                          "BIG-bench-format task over checkpoints: local folders, HUB_ID@REVISION, "
+                                          "or every step* branch of a hub model (--all-steps). One record per "
+                                          "checkpoint in OUT/revisions/ (an interrupted sweep resumes), icl.json "
+                                          "and icl.png (accuracy vs training tokens).")
     p.add_argument("checkpoints", nargs="*", help="local model directories or HUB_ID@REVISION")
-    p.add_argument("--task", required=True, help="BIG-bench-format JSON of input/target examples")
+    p.add_argument("--config", help="TOML with an [icl] table (keys: " + ", ".join(ICL_KEYS) + ")")
+    p.add_argument("--task", help="BIG-bench-format JSON of input/target examples")
     p.add_argument("--all-steps", metavar="HUB_ID", help="add every step* branch of this hub model")
-    p.add_argument("--shots", type=int, default=1, help="worked pairs before each query (default 1)")
+    p.add_argument("--every", type=int, help="with --all-steps: every n-th revision (and the last)")
+    p.add_argument("--shots", type=int, help="worked pairs before each query (default 1)")
     p.add_argument("--max-examples", type=int, help="use only the first N examples")
     p.add_argument("--input-prefix", help="text before each input (default: the JSON's, else '\\nQ: ')")
     p.add_argument("--output-prefix", help="text before each target (default: the JSON's, else '\\nA: ')")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="folder for icl.json and icl.png")
+    p.add_argument("--tokenizer", help="tokenizer folder or HUB_ID@REVISION (default: the first checkpoint's)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights' dtype (default float32)")
+    p.add_argument("--cache-dir", help="transformers download cache (default: its own, HF_HOME)")
+    p.add_argument("--out", help="folder for revisions/, icl.json and icl.png")
+    p.add_argument("--evict", action="store_true", default=None,
+                   help="delete each hub revision from the download cache after its record is written")
+    p.add_argument("--refresh", action="store_true", help="measure checkpoints that already have a record again")
+    p.add_argument("--quiet", action="store_true", help="no per-checkpoint lines while sweeping")
     p.set_defaults(func=_cmd_icl)
+
+    p = subparsers.add_parser("icl-train", help="train the toy transliteration LM with checkpoints (offline ICL)",
+                              description="Train a character-level GPT-2 on a generated transliteration-style task "
+                                          "(toy IPA and spelling, each behind its marker) and save it every N steps "
+                                          "as OUT/stepS-tokensT/ transformers folders, with the held-out task as "
+                                          "OUT/task.json: local checkpoints for `recall icl`.")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=_cmd_icl_train)
+
+    p = subparsers.add_parser("prune", help="edge pruning: circuits for recall (k1) and continuation (k2)",
+                              description="Find the edges (writer → reader on the disentangled residual stream) "
+                                          "each prediction needs at a run's checkpoint: hard-concrete gates, a "
+                                          "Lagrangian target sparsity, gated-off edges fed from a run with the "
+                                          "label (k1) or the first resumed observation (k2) swapped. Reports edges "
+                                          "kept, faithfulness, cross-ablation and overlap; stored under "
+                                          "RUN/prune/stepS/ with a picture of the circuits.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--target", action="append", choices=("k1", "k2"), help="repeatable (default both)")
+    p.add_argument("--sparsity", type=float, nargs="+", required=True, help="target edge sparsity (e.g. 0.9)")
+    p.add_argument("--step", type=int, help="checkpoint (default the last)")
+    p.add_argument("--steps", type=int, default=1500, help="optimisation steps (default 1500)")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate of the gates and multipliers")
+    p.add_argument("--batch", type=int, help="queries per optimisation step (default 64)")
+    p.add_argument("--examples", type=int, help="training haystack examples (default 32)")
+    p.add_argument("--traces", type=int, help="traces per training example (default 32)")
+    p.add_argument("--test-examples", type=int, help="held-out haystack examples for the scores (default 16)")
+    p.add_argument("--test-traces", type=int, help="traces per held-out example (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refresh", action="store_true", help="search again even if the circuit is stored")
+    _common(p)
+    p.set_defaults(func=_cmd_prune)
+
+    p = subparsers.add_parser("patch", help="token-swap activation patching per layer at the label position",
+                              description="Swap the query's label (or its first resumed observation) to another "
+                                          "haystack system's, and write the swapped run's residual stream at that "
+                                          "position into the clean run, one layer at a time: k = 1 and k = 2 errors "
+                                          "against the needle and the other system (RUN/eval/patching/).")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--examples", type=int, help="haystack examples (default: as stored, else 16)")
+    p.add_argument("--traces", type=int, help="traces per example (default: as stored, else 64)")
+    p.add_argument("--step", type=int, help="checkpoint (default the last)")
+    p.add_argument("--refresh", action="store_true")
+    _common(p)
+    p.set_defaults(func=_cmd_patch)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields, replace
@@ -13,6 +12,24 @@ from ..._errors import UserError
 
 FAMILIES = ("ortho_haar", "ortho", "ident", "gauss")
 PROBES = ("none", "misdirected", "sync", "unseen_label", "unseen_system")
+EMERGENCE_RULES = ("first", "sustained")
+
+
+def _later(default: Any) -> Any:
+    """A key added after configs were first stored: left out of :func:`section_dict` at its default, so the
+    identity of every older config (cached runs' hashes, evaluation tags, records) stays what it was."""
+    return field(default=default, metadata={"omit_at_default": True})
+
+
+def section_dict(section: Any) -> dict[str, Any]:
+    """One config section as a plain dict (tuples as lists), later-added keys omitted at their default."""
+    out = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("omit_at_default") and value == f.default:
+            continue
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 class ConfigError(UserError, ValueError):
@@ -72,6 +89,11 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     seed: int = 0
+    warmup: int = _later(0)  # steps of linear learning-rate warm-up from 0 (then constant)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of (0-based) step ``step``: linear warm-up over ``warmup`` steps, then ``lr``."""
+        return self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,9 @@ class EvalConfig:
     emergence_fraction: float = 0.5
     batch: int = 1000
     seed: int = 1234
+    #: which crossing the emergence point names: the first checkpoint below the threshold, or the one from which
+    #: the curve stays below it to the end of the run (both are always stored)
+    emergence_rule: str = _later("first")
 
     @property
     def query_len(self) -> int:
@@ -138,6 +163,9 @@ class RunConfig:
             (all(1 <= k <= e.query_len for k in e.ks), f"eval.ks must lie in [1, {e.query_len}], got {e.ks}"),
             (e.examples >= 1 and e.traces >= 1 and e.batch >= 1, "eval.examples, eval.traces, eval.batch >= 1"),
             (0 < e.emergence_fraction < 1, "eval.emergence_fraction must be in (0, 1)"),
+            (e.emergence_rule in EMERGENCE_RULES,
+             f"eval.emergence_rule must be one of {', '.join(EMERGENCE_RULES)}, got {e.emergence_rule!r}"),
+            (t.warmup >= 0, f"train.warmup must be >= 0, got {t.warmup}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -147,8 +175,8 @@ class RunConfig:
     # ------------------------------------------------------------------------------ conversions
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (tuples as lists), the JSON/TOML form."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain nested dict (tuples as lists), the JSON/TOML form; later-added keys at their default left out."""
+        return {"preset": self.preset, **{name: section_dict(getattr(self, name)) for name in _SECTIONS}}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:

@@ -10,14 +10,13 @@ elementwise ops are not counted (the usual convention).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import torch
 
 from fnabench.measure import count_flops
 
-from .config import EvalConfig, RunConfig
+from .config import EvalConfig, RunConfig, section_dict
 from .model import RecallGPT2, build_model, masked_mse
 
 
@@ -54,7 +53,7 @@ def query_flops(config: RunConfig, cfg: EvalConfig | None = None) -> tuple[int, 
     with SDPA attention, whose FLOPs the counter attributes to attention; the total equals the eager count.
     """
     cfg = cfg or config.eval
-    key = json.dumps([config.to_dict(), dataclasses.asdict(cfg)], sort_keys=True)
+    key = json.dumps([config.to_dict(), section_dict(cfg)], sort_keys=True)
     if key not in _QUERY_FLOPS:
         with torch.random.fork_rng(devices=[]):
             model = build_model(config).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 
 from . import rundir
 from .baselines import least_squares_errors, zero_errors
-from .config import ConfigError, EvalConfig, RunConfig
+from .config import ConfigError, EvalConfig, RunConfig, section_dict
 from .metrics import first_below, k_after, median_over_traces, position_errors, quartiles, stays_below
 from .model import RecallGPT2, build_model
 from .queries import QueryExample, iter_examples
@@ -25,7 +25,9 @@ SERIES = ("final", "initial")
 
 def eval_tag(cfg: EvalConfig, probe: str) -> str:
     """Cache folder name of one evaluation setting: readable prefix plus a hash of every setting."""
-    digest = hashlib.sha1(json.dumps([asdict(cfg), probe], sort_keys=True).encode()).hexdigest()[:8]
+    settings = section_dict(cfg)
+    settings.pop("emergence_rule", None)  # how a curve is read, not what is measured: the cache is shared
+    digest = hashlib.sha1(json.dumps([settings, probe], sort_keys=True).encode()).hexdigest()[:8]
     return f"{probe}-h{cfg.haystack}-needle{cfg.needle}-{digest}"
 
 
@@ -158,23 +160,29 @@ def summarize(rows: list[dict], baselines: dict, cfg: EvalConfig, probe: str) ->
     curves = {s: {k: {q: [r["model"][s][k][q] for r in rows] for q in ("q25", "median", "q75")}
                   for k in rows[0]["model"][s]} for s in SERIES}
     summary = {
-        "task": cfg.name, "probe": probe, "eval": asdict(cfg),
+        "task": cfg.name, "probe": probe, "eval": section_dict(cfg),
         "steps": [r["step"] for r in rows], "examples": [r["examples"] for r in rows],
         "flops": [r["flops"] for r in rows], "seconds": [r.get("seconds", 0.0) for r in rows],
         "model": curves, **baselines,
     }
-    summary["emergence"] = {k: emergence(summary, k, cfg.emergence_fraction) for k in curves["final"]}
+    summary["emergence"] = {k: emergence(summary, k, cfg.emergence_fraction, cfg.emergence_rule)
+                            for k in curves["final"]}
     return summary
 
 
-def emergence(summary: dict, k: str, fraction: float) -> dict:
-    """When the median error at k after the final label first falls (and stays) below fraction × zero's."""
+def emergence(summary: dict, k: str, fraction: float, rule: str = "first") -> dict:
+    """When the median error at k after the final label first falls (and stays) below fraction × zero's.
+
+    ``step``/``examples``/``flops`` are the first crossing, ``stable_*`` the checkpoint from which the curve stays
+    below to the end of the run; ``rule`` (stored when not ``first``) says which one is the emergence point."""
     threshold = fraction * summary["zero"]["final"][k]["median"]
     medians = summary["model"]["final"][k]["median"]
     out: dict = {"threshold": threshold}
     for key, index in (("", first_below(medians, threshold)), ("stable_", stays_below(medians, threshold))):
         for field, series in (("step", "steps"), ("examples", "examples"), ("flops", "flops")):
             out[key + field] = None if index is None else summary[series][index]
+    if rule != "first":
+        out["rule"] = rule
     return out
 
 

@@ -55,3 +55,9 @@ def stays_below(values: Sequence[float], threshold: float) -> int | None:
         else:
             break
     return index
+
+
+def emergence_point(point: dict, field: str = "examples"):
+    """An emergence point's ``field`` (examples, step, flops) under its rule: the first crossing, or under
+    ``rule: sustained`` the checkpoint from which the curve stays below the threshold."""
+    return point["stable_" + field] if point.get("rule") == "sustained" else point[field]

@@ -46,6 +46,19 @@ def _cpu_ident() -> RunConfig:
                    train=replace(base.train, steps=6_000))
 
 
+def _cpu_n5() -> RunConfig:
+    """The CPU preset at the paper's state dimension (leaderboards/recall-cpu-n5/README.md): Haar O(5) systems,
+    10 labels, context 72 (one H = 5 recall query with 10 observations per segment), a 4-layer 64-wide GPT-2."""
+    return RunConfig(
+        preset="cpu-n5",
+        data=DataConfig(state_dim=5, num_labels=10, context=72, train_systems=40_000, val_systems=100),
+        model=ModelConfig(n_embd=64, n_layer=4, n_head=4),
+        train=TrainConfig(batch=64, lr=1e-3, steps=20_000, checkpoint_every=250, log_every=50),
+        eval=EvalConfig(haystack=5, segment_obs=10, examples=48, traces=64, ks=(1, 2, 3, 8), batch=1024,
+                        emergence_rule="sustained"),
+    )
+
+
 def _smoke() -> RunConfig:
     """Seconds-long run for checking that the pipeline works end to end (not for results)."""
     return RunConfig(
@@ -64,6 +77,7 @@ PRESETS: dict[str, RunConfig] = {
     "big": _paper("big", 192, 24, 12, 640, 0.833),
     "cpu": _cpu(),
     "cpu-ident": _cpu_ident(),
+    "cpu-n5": _cpu_n5(),
     "smoke": _smoke(),
 }
 

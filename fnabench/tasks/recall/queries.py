@@ -37,6 +37,7 @@ class QueryExample:
     history_offset: int  # index in ``history`` of the first observation after the query label
     needle_states: np.ndarray  # [R, s, n] the needle's haystack segment
     query_label: int
+    states: np.ndarray | None = None  # [R, H + 1, s + q, n] every drawn system's trajectory (interventions)
 
 
 def layout_positions(cfg: EvalConfig) -> tuple[list[int], int]:
@@ -80,7 +81,7 @@ def build_example(systems: Systems, cfg: EvalConfig, layout: TokenLayout, rng: n
     layout.put_open(tokens, final_open, query_label)
     layout.put_states(tokens, final_open + 1, history[:, offset:])
     return QueryExample(tokens, chosen, labels, final_open, opens[c], history, offset, states[:, c, :s],
-                        int(query_label))
+                        int(query_label), states)
 
 
 def iter_examples(systems: Systems, data: DataConfig, cfg: EvalConfig, probe: str = "none",

@@ -30,8 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import rundir
-from .config import PROBES, ConfigError, RunConfig, apply_overrides
+from .config import PROBES, ConfigError, RunConfig, apply_overrides, section_dict
 from .evaluate import eval_tag, evaluate_run
+from .metrics import emergence_point
 
 PRIMARY = "err_k1"
 #: the suite's records in the harness's ``settings``: evaluation runs in float32 on the CPU
@@ -62,9 +63,9 @@ def flat_record(config: RunConfig, costs: dict, summary: dict, run_dir: Path) ->
             metrics[f"zero_k{k}"] = summary["zero"]["final"][k]["median"]
             metrics[f"ls_k{k}"] = summary["ls"]["final"][k]["median"]
             point = summary["emergence"][k]
-            if point["examples"] is not None:
-                metrics[f"emergence_examples_k{k}"] = float(point["examples"])
-                metrics[f"emergence_train_gflops_k{k}"] = point["flops"] / 1e9
+            if emergence_point(point) is not None:
+                metrics[f"emergence_examples_k{k}"] = float(emergence_point(point))
+                metrics[f"emergence_train_gflops_k{k}"] = emergence_point(point, "flops") / 1e9
     if len(summary["steps"]) < 2:  # a single-checkpoint (probe) evaluation has no emergence points
         metrics = {k: v for k, v in metrics.items() if not k.startswith("emergence_")}
     metrics["training_examples"] = float(summary["examples"][-1])
@@ -143,8 +144,78 @@ def records_from_run(run_dir: str | Path, evaluate: bool = True) -> list[dict]:
                 break
     paths.sort(key=lambda p: p != main)
     started = _file_time(run_dir / rundir.CONFIG)
-    return [result_from_flat(flat_record(config, costs, rundir.read_json(p), run_dir), started=started,
-                             finished=_file_time(p)) for p in paths]
+    results = [result_from_flat(flat_record(config, costs, rundir.read_json(p), run_dir), started=started,
+                                finished=_file_time(p)) for p in paths]
+    results += _intervention_results(run_dir, config, costs, started)
+    return results
+
+
+def _base_result(config: RunConfig, costs: dict, run_dir: Path, task: str, step: int, examples_trained: int,
+                 options: dict, metrics: dict, primary: str, higher: set[str], started: str, finished: str) -> dict:
+    """A result for one intervention on a run's checkpoint (token-swap patching, a pruned circuit)."""
+    from .costs import query_flops
+
+    total, attention = query_flops(config)
+    cfg = config.eval
+    return {
+        "model": model_name(config), "variant": "exact", "task": task,
+        "settings": {"image_size": None, "dtype": DTYPE, "device": DEVICE, "batch_size": cfg.batch, "limit": None,
+                     "seed": cfg.seed, "options": {**options, "step": step}},
+        "metrics": metrics, "primary_metric": primary,
+        "higher_is_better": {name: name in higher for name in metrics},
+        "flops": {"total": total, "attention": attention}, "seed": cfg.seed, "started": started,
+        "finished": finished, "duration_s": 0.0,
+        "recall": {"run_dir": str(run_dir), "preset": config.preset, "train_seed": config.train.seed, "step": step,
+                   "probe": task.split(",", 1)[1], "eval": json.loads(json.dumps(section_dict(cfg))),
+                   "emergence": None, "training": {"examples": examples_trained},
+                   "config": config.to_dict(), "costs": costs},
+    }
+
+
+def _intervention_results(run_dir: Path, config: RunConfig, costs: dict, started: str) -> list[dict]:
+    """Results for the token-swap patching and the pruned circuits stored in a run directory."""
+    from .interventions import PATCHING_DIR, stored_patching
+    from .prune import stored_circuits
+
+    out = []
+    folder = run_dir / rundir.EVALS / PATCHING_DIR
+    for stored in stored_patching(run_dir):
+        if stored["eval"] != section_dict(config.eval):
+            continue
+        finished = _file_time(folder / f"step_{stored['step']:08d}.json")
+        for swap, rows in stored["rows"].items():
+            ref = {r["layer"]: r for r in rows}
+            k = "k1" if swap == "label" else "k2"
+            metrics = {f"{key}_{layer}": ref[layer][key] for layer in ("clean", "swapped", "donor")
+                       for key in ("k1_needle", "k2_needle")}
+            result = _base_result(config, costs, run_dir, f"{config.eval.name},patch={swap}", stored["step"],
+                                  stored["examples_trained"],
+                                  {"patch": swap, "examples": stored["examples"], "traces": stored["traces"]},
+                                  metrics, f"{k}_needle_swapped", set(), started, finished)
+            result["items"] = {"query examples": stored["examples"], "traces per example": stored["traces"]}
+            result["recall"]["patching"] = {"swap": swap, "rows": rows}
+            out.append(result)
+    for path, circuit in stored_circuits(run_dir):
+        target = circuit["target"]
+        other = "k2" if target == "k1" else "k1"
+        own = circuit["scores"][target][circuit["corruption"]]
+        cross = circuit["scores"][other]["observation" if other == "k2" else "label"]
+        metrics = {"edges_kept": float(circuit["edges_kept"]), "sparsity": circuit["sparsity"],
+                   "recovered": own["recovered"], "err": own["err"], "mse_to_model": own["mse_to_model"],
+                   "model_err": own["model_err"], "ablated_err": own["ablated_err"],
+                   "cross_recovered": cross["recovered"], "cross_err": cross["err"]}
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # None: the swap did no damage to recover
+        sparsity = circuit["settings"]["sparsity"]
+        result = _base_result(config, costs, run_dir, f"{config.eval.name},circuit={target},sparsity={sparsity:g}",
+                              circuit["step"], circuit["examples"],
+                              {"circuit": target, "prune": circuit["settings"]}, metrics, "mse_to_model",
+                              {"recovered", "cross_recovered"}, started, _file_time(path))
+        result["items"] = {"query examples": circuit["settings"]["test_examples"],
+                           "traces per example": circuit["settings"]["test_traces"]}
+        result["duration_s"] = circuit["seconds"]
+        result["recall"]["circuit"] = {k: v for k, v in circuit.items() if k != "history"}
+        out.append(result)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- records → tables
@@ -190,6 +261,18 @@ def runs_from_records(records: list[dict]) -> list[dict]:
         for probe in PROBES:
             record = main if probe == "none" else at_step.get(probe)
             probes[probe] = summary_from_record(record) if record else {"skipped": "no record"}
-        runs.append({"label": f"{config.preset} seed {config.train.seed}", "config": config,
-                     "costs": main["recall"]["costs"], "summary": summary_from_record(main), "probes": probes})
+        run = {"label": f"{config.preset} seed {config.train.seed}", "config": config,
+               "costs": main["recall"]["costs"], "summary": summary_from_record(main), "probes": probes}
+        patching = {g["recall"]["patching"]["swap"]: g["recall"]["patching"]["rows"] for g in own
+                    if g["recall"].get("patching") and g["recall"]["step"] == step}
+        if patching:
+            run["patching"] = {swap: patching[swap] for swap in sorted(patching)}
+        circuits: dict[float, dict[str, dict]] = {}
+        for g in sorted((g for g in own if g["recall"].get("circuit") and g["recall"]["step"] == step),
+                        key=lambda g: g["recall"]["circuit"]["target"]):
+            circuit = g["recall"]["circuit"]
+            circuits.setdefault(circuit["settings"]["sparsity"], {})[circuit["target"]] = circuit
+        if circuits:
+            run["circuits"] = dict(sorted(circuits.items()))
+        runs.append(run)
     return sorted(runs, key=lambda run: (run["config"].preset, run["config"].train.seed))

@@ -60,10 +60,10 @@ def _prepare(run_dir: Path, config: RunConfig | None) -> RunConfig:
         stored = rundir.load_config(run_dir)
         if config is None or config.to_dict() == stored.to_dict():
             return stored
-        if _without_steps(config) != _without_steps(stored):
+        if _training_identity(config) != _training_identity(stored):
             raise ConfigError(f"{run_dir} holds a run with a different config; resume it without overrides "
-                              "(or with only a new train.steps) or train into a new directory")
-        rundir.save_config(run_dir, config.validate(), {"fnabench_task": "recall"})  # extended or shortened
+                              "(or with only a new train.steps or new eval settings) or train into a new directory")
+        rundir.save_config(run_dir, config.validate(), {"fnabench_task": "recall"})  # extended, shortened, re-evaluated
         return config
     if config is None:
         raise ConfigError(f"{run_dir} is not a run directory and no config was given")
@@ -73,9 +73,11 @@ def _prepare(run_dir: Path, config: RunConfig | None) -> RunConfig:
     return config
 
 
-def _without_steps(config: RunConfig) -> dict:
+def _training_identity(config: RunConfig) -> dict:
+    """What fixes a run's weights at every step: everything but its length and its evaluation settings."""
     raw = config.to_dict()
     raw["train"].pop("steps")
+    raw.pop("eval")
     return raw
 
 
@@ -145,6 +147,9 @@ def train(run_dir: str | Path, config: RunConfig | None = None, *, until_step: i
     try:
         for step in range(start, end):
             inputs, targets, mask = batch_tensors(config, step)
+            if t.warmup:
+                for group in optimizer.param_groups:
+                    group["lr"] = t.lr_at(step)
             loss = masked_mse(model(inputs), targets, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
