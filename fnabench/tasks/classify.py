@@ -113,7 +113,8 @@ class Prepared:
     classifier: Classifier
     samples: list[Sample]
     targets: torch.Tensor  # [N] head index of each image's class
-    names: list[str]  # dataset class names, sorted; per-class accuracy is reported under these
+    class_names: dict[int, str]  # head index → name of each class present (the head's own label where it has
+    # one, so ImageNetV2's folder "0" and ImageNet's n01440764 are the same class), in index order
     real: list[list[int]] | None  # per image: head indices ReaL counts as correct ([] = not labelled)
     allowed: torch.Tensor | None  # [C] bool: the classes that may be predicted (classes = "dataset")
 
@@ -166,13 +167,15 @@ class ClassifyTask:
             codes = {n: i for i, n in enumerate(sorted(index))}
             keep = stratified_subset(np.array([codes[s.name] for s in samples]), limit, settings.seed)
             samples = [samples[i] for i in keep]
-        names = sorted({s.name for s in samples})
         targets = torch.tensor([index[s.name] for s in samples])
+        labels = classifier.labels or []
+        class_names = {i: (labels[i] if i < len(labels) and labels[i] else n)
+                       for n, i in sorted({(s.name, index[s.name]) for s in samples}, key=lambda t: t[1])}
         allowed = None
         if self.restrict:
             allowed = torch.zeros(classifier.num_classes, dtype=torch.bool)
-            allowed[sorted({index[n] for n in names})] = True
-        return Prepared(classifier, samples, targets, names, self._real(samples, where, cmap), allowed)
+            allowed[list(class_names)] = True
+        return Prepared(classifier, samples, targets, class_names, self._real(samples, where, cmap), allowed)
 
     def _real(self, samples: list[Sample], where: Path | None, cmap: ClassMap) -> list[list[int]] | None:
         path = Path(self.real_labels).expanduser() if self.real_labels else (_real_file(where) if where else None)
@@ -198,7 +201,7 @@ class ClassifyTask:
 
     def items(self, prepared: Prepared) -> dict[str, int]:
         """Images behind top-1/top-5 (``test``) and behind the ReaL metrics (``real``: those ReaL labels)."""
-        out = {"test": len(prepared.samples), "classes": len(prepared.names)}
+        out = {"test": len(prepared.samples), "classes": len(prepared.class_names)}
         if prepared.real is not None:
             out["real"] = sum(bool(r) for r in prepared.real)
         return out
@@ -231,11 +234,10 @@ def score(ranked: torch.Tensor, prepared: Prepared, details: dict[str, Any] | No
     each class's top-1."""
     hits = ranked == prepared.targets[:, None]
     metrics: dict[str, Any] = {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in TOPK}
-    codes = {n: i for i, n in enumerate(prepared.names)}
-    classes = torch.tensor([codes[s.name] for s in prepared.samples])
-    correct = torch.zeros(len(prepared.names)).index_add_(0, classes, hits[:, 0].float())
-    counts = torch.bincount(classes, minlength=len(prepared.names)).float()
-    per_class = {n: 100.0 * (correct[i] / counts[i]).item() for i, n in enumerate(prepared.names)}
+    size = max(prepared.class_names) + 1
+    correct = torch.zeros(size).index_add_(0, prepared.targets, hits[:, 0].float())
+    counts = torch.bincount(prepared.targets, minlength=size).float()
+    per_class = {name: 100.0 * (correct[i] / counts[i]).item() for i, name in prepared.class_names.items()}
     metrics["mean_class_top1"] = float(np.mean(list(per_class.values())))
     if prepared.real is not None:
         labelled = [i for i, r in enumerate(prepared.real) if r]
