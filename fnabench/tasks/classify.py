@@ -233,11 +233,12 @@ def score(ranked: torch.Tensor, prepared: Prepared, details: dict[str, Any] | No
     """Metrics from the ranked predictions; ``details`` (a dict, kept in the record, not a metric) gains
     each class's top-1."""
     hits = ranked == prepared.targets[:, None]
-    metrics: dict[str, Any] = {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in TOPK}
+    n = max(len(prepared.targets), 1)
+    metrics: dict[str, Any] = {f"top{k}": 100.0 * int(hits[:, :k].any(dim=1).sum()) / n for k in TOPK}
     size = max(prepared.class_names) + 1
     correct = torch.zeros(size).index_add_(0, prepared.targets, hits[:, 0].float())
     counts = torch.bincount(prepared.targets, minlength=size).float()
-    per_class = {name: 100.0 * (correct[i] / counts[i]).item() for i, name in prepared.class_names.items()}
+    per_class = {name: 100.0 * int(correct[i]) / int(counts[i]) for i, name in prepared.class_names.items()}
     metrics["mean_class_top1"] = float(np.mean(list(per_class.values())))
     if prepared.real is not None:
         labelled = [i for i, r in enumerate(prepared.real) if r]
