@@ -506,3 +506,25 @@ def test_a_folder_rebuilt_in_place_from_its_own_records_keeps_its_config_and_rea
     publish(copy / "records", copy, command="fnabench publish results/fna-inverses leaderboards/fna-inverses")
     assert (copy / "config.toml").read_bytes() == (src / "config.toml").read_bytes()
     assert (copy / "README.md").read_text() == (src / "README.md").read_text()
+
+
+def test_committed_classify_offline_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/classify-offline (a real backbone with its own trained head) comes from one `fnabench run`
+    + `publish`; its records carry what its reading rests on."""
+    records = _republished("classify-offline", tmp_path, monkeypatch)
+    assert all(r["status"] == "ok" and r["task"] == "classify:shapes" for r in records)
+    by = {r["variant_short"]: r for r in records}
+    assert {"exact", "fna:layers=-6:,m=16", "fna:layers=-6:,m=32", "fna:layers=-6:,m=64",
+            "fna:landmarks=random,layers=-6:,m=32", "nystrom:layers=-6:,m=32", "mask:tokens=all"} == set(by)
+    top1 = {v: r["metrics"]["top1"] for v, r in by.items()}
+    assert top1["exact"] > 4 * 12.5  # far above chance: the head was trained
+    assert all(r["items"] == {"test": 1000, "classes": 8} and r["flops"]["forward"] == "logits" for r in records)
+    # FNA's accuracy grows with m; at m = 32 its FPS landmarks beat random ones and Nyström's segment means
+    assert top1["fna:layers=-6:,m=16"] < top1["fna:layers=-6:,m=32"] < top1["fna:layers=-6:,m=64"]
+    assert top1["fna:layers=-6:,m=32"] > max(top1["fna:landmarks=random,layers=-6:,m=32"],
+                                             top1["nystrom:layers=-6:,m=32"])
+    assert by["fna:layers=-6:,m=32"]["flops"]["attention"] < by["exact"]["flops"]["attention"]
+    # FNA m = 64 matches exact within one binomial standard error of 1000 images
+    assert abs(top1["fna:layers=-6:,m=64"] - top1["exact"]) < 100 * math.sqrt(0.7 * 0.3 / 1000)
+    # the mask finds no artifact token in DINOv2-S here: its row is exact's, class by class
+    assert by["mask:tokens=all"]["details"]["per_class_top1"] == by["exact"]["details"]["per_class_top1"]

@@ -120,6 +120,7 @@ def _num_prefix(model: nn.Module, list_path: str, tower: str) -> int:
         if isinstance(emb, nn.Module):  # transformers
             regs = getattr(emb, "register_tokens", None)
             n_reg = regs.shape[1] if isinstance(regs, torch.Tensor) else 0
+            n_reg += getattr(emb, "distillation_token", None) is not None  # DeiT's second prefix token
             if getattr(emb, "cls_token", None) is not None or getattr(emb, "class_embedding", None) is not None:
                 return 1 + n_reg
             return n_reg

@@ -50,6 +50,24 @@ class LoadedModel:
         return self
 
 
+@dataclass
+class Classifier:
+    """A model's own classification head, as ``LoadedModel.extra["classifier"]`` (for ``classify:*`` tasks).
+
+    ``logits`` maps a [B, 3, S, S] batch (made by ``transform``) to [B, num_classes]; ``labels`` names
+    each head index (WordNet ids for ImageNet heads, else the class names the checkpoint gives; ``None``
+    where a head does not say, and for an index with no class such as a background logit);
+    ``transform`` is the model's own evaluation preprocessing of one PIL image (resize, crop
+    percentage, interpolation, normalisation), and ``preprocessing`` says in a dict what it does.
+    """
+
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    num_classes: int
+    labels: list[str | None] | None
+    transform: Callable[[Any], torch.Tensor]
+    preprocessing: dict[str, Any]
+
+
 def make_preprocess(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable[[Any], torch.Tensor]:
     """PIL image → [3, size, size] float tensor: RGB, shorter side resized (bicubic), centre crop, normalised."""
     from PIL import Image

@@ -6,6 +6,8 @@ Keeps q/k norm, the optional output gate and ``scale_norm``; subclasses that ove
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .._extras import require
@@ -13,6 +15,7 @@ from .core import AttentionKind, Site, install_forward, merge_heads
 from .loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    Classifier,
     LoadedModel,
     ModelInputError,
     describe_load_failure,
@@ -60,23 +63,71 @@ def _embed(model):
     return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def _labels(model) -> list[str | None] | None:
+    """What each head index means: the checkpoint's ``label_names`` (after its ``label_offset``), else the
+    ImageNet subset timm infers from the class count (WordNet ids), else unknown."""
+    data = require("timm.data")
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    names, offset = cfg.get("label_names"), int(cfg.get("label_offset") or 0)
+    if not names:
+        subset = data.infer_imagenet_subset(model)
+        if subset is None:
+            return None
+        names = data.ImageNetInfo(subset).label_names()
+        offset = model.num_classes - len(names) if model.num_classes > len(names) else offset
+    pairs = names.items() if isinstance(names, dict) else enumerate(names)
+    labels: list[str | None] = [None] * model.num_classes
+    for i, name in pairs:
+        if 0 <= int(i) + offset < model.num_classes:
+            labels[int(i) + offset] = str(name)
+    return labels
+
+
+def classifier(model, size: int) -> Classifier | None:
+    """The model's own head with timm's evaluation transform at ``size`` px (``resolve_data_config`` and
+    ``create_transform``, as timm's validate.py with ``--img-size``: crop_pct and interpolation from the
+    checkpoint's config); ``None`` for a headless model."""
+    if not getattr(model, "num_classes", 0):
+        return None
+    data = require("timm.data")
+    config = data.resolve_data_config({"input_size": (3, size, size)}, model=model)
+    described = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+    return Classifier(model, int(model.num_classes), _labels(model), data.create_transform(**config),
+                      {"library": "timm", **described})
+
+
 def _finish(name: str, model, image_size: int | None, family: str = "timm") -> LoadedModel:
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = image_size or model.patch_embed.img_size[0]
     preprocess = make_preprocess(size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
-    return LoadedModel(name, model.eval(), preprocess, _embed(model), size, family)
+    head = classifier(model, size) if family == "timm" else None
+    return LoadedModel(name, model.eval(), preprocess, _embed(model), size, family,
+                       {"classifier": head} if head is not None else {})
+
+
+#: timm's own model sources: ``local-dir:FOLDER`` (a saved model: config.json + weights) and ``hf-hub:REPO``
+SOURCES = ("local-dir:", "hf-hub:")
 
 
 def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
-    """``timm:NAME[@TAG]``: timm's pretrained weights through its own hub cache; ``@random`` for random init."""
+    """``timm:NAME[@TAG]``: timm's pretrained weights through its own hub cache, head included (features
+    skip it); ``@random`` for random init; ``timm:local-dir:FOLDER`` for a checkpoint saved with timm's
+    ``save_for_hf`` (its config.json says the architecture, classes and preprocessing)."""
     timm = require("timm")
-    name, tag = split_tag(spec)
-    full = name if tag in (None, "random") else f"{name}.{tag}"
     kwargs = {"img_size": image_size} if image_size else {}
-    if not timm.is_model(name):
-        raise ModelInputError(f"timm:{spec}: unknown timm model; list them with timm.list_models('*vit*')")
+    if spec.startswith(SOURCES):
+        full, pretrained = spec, True
+        folder = Path(spec.partition(":")[2]).expanduser()
+        if spec.startswith("local-dir:") and not (folder / "config.json").is_file():
+            raise ModelInputError(f"timm:{spec}: {str(folder)!r} holds no config.json; accepted: a folder written "
+                                  "by timm.models.save_for_hf (config.json + model.safetensors)")
+    else:
+        name, tag = split_tag(spec)
+        full, pretrained = (name if tag in (None, "random") else f"{name}.{tag}"), tag != "random"
+        if not timm.is_model(name):
+            raise ModelInputError(f"timm:{spec}: unknown timm model; list them with timm.list_models('*vit*')")
     try:
-        model = timm.create_model(full, pretrained=tag != "random", num_classes=0, **kwargs)
+        model = timm.create_model(full, pretrained=pretrained, **kwargs)
     except Exception as err:  # host/hub errors come in many types; one line says what to do
         raise describe_load_failure(f"timm:{spec}", err) from None
     return _finish(f"timm:{spec}", model, image_size)

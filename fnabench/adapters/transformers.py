@@ -17,6 +17,7 @@ plus the real tokens after the last landmark (kv_cache.py).
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +28,21 @@ from .._extras import require
 from ..variants.variant import ATTENTION_RANGE
 from .core import AttentionKind, Site, install_forward, merge_heads, split_heads
 from .kv_cache import compress_layer
-from .loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, describe_load_failure, make_preprocess
+from .loading import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Classifier,
+    LoadedModel,
+    describe_load_failure,
+    make_preprocess,
+)
 
 IMPLEMENTATION = "fnabench"
 #: "auto" uses AttentionInterface where the class dispatches through it; "swap" forces the module swap
 ROUTE = "auto"
 ENCODER_CLASSES = ("CLIPAttention", "SiglipAttention", "Dinov2Attention", "Dinov2SelfAttention",
-                   "Dinov2WithRegistersAttention", "Dinov2WithRegistersSelfAttention")
+                   "Dinov2WithRegistersAttention", "Dinov2WithRegistersSelfAttention", "ViTAttention",
+                   "ViTSelfAttention", "DeiTAttention", "DeiTSelfAttention")
 DECODER_CLASSES = ("GPT2Attention", "LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
                    "OlmoAttention", "Olmo2Attention")
 CLASSES = ENCODER_CLASSES + DECODER_CLASSES
@@ -226,16 +235,29 @@ def _embedder(model):
     return embed
 
 
+def _is_classifier(config) -> bool:
+    """A checkpoint saved as an image classifier (``*ForImageClassification``), read off its config."""
+    return any(a.endswith("ForImageClassification") for a in getattr(config, "architectures", None) or [])
+
+
 def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
-    """``hf:REPO_ID``: ``AutoModel`` + ``AutoImageProcessor`` through transformers' own cache."""
+    """``hf:REPO_ID`` (or a local folder): ``AutoModel`` + ``AutoImageProcessor`` through transformers' own
+    cache; a checkpoint saved as ``*ForImageClassification`` loads with its head
+    (``AutoModelForImageClassification``), and its features are what the head reads."""
     tr = require("transformers")
     try:
-        model = tr.AutoModel.from_pretrained(spec)
+        config = tr.AutoConfig.from_pretrained(spec)
+        auto = tr.AutoModelForImageClassification if _is_classifier(config) else tr.AutoModel
+        model = auto.from_pretrained(spec)
         processor = tr.AutoImageProcessor.from_pretrained(spec)
     except Exception as err:  # host/hub errors come in many types; one line says what to do
         raise describe_load_failure(f"hf:{spec}", err) from None
-    return _finish(f"hf:{spec}", model, image_size, getattr(processor, "image_mean", IMAGENET_MEAN),
-                   getattr(processor, "image_std", IMAGENET_STD), "hf")
+    loaded = _finish(f"hf:{spec}", model, image_size, getattr(processor, "image_mean", IMAGENET_MEAN),
+                     getattr(processor, "image_std", IMAGENET_STD), "hf")
+    if _is_classifier(config):
+        loaded.embed = _pre_logits(model)
+        loaded.extra["classifier"] = classifier(model, processor, loaded.image_size)
+    return loaded
 
 
 def _finish(name, model, image_size, mean, std, family) -> LoadedModel:
@@ -245,6 +267,111 @@ def _finish(name, model, image_size, mean, std, family) -> LoadedModel:
     if hasattr(model, "get_text_features"):
         extra["encode_text"] = model.get_text_features
     return LoadedModel(name, model.eval(), make_preprocess(size, mean, std), _embedder(model), size, family, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# image classifiers: logits, pre-logits features, the processor at any size, ImageNet labels
+
+
+def _logits_fn(model):
+    """[B, 3, S, S] → [B, classes] logits, interpolating position embeddings where the model can."""
+    interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+
+    def logits(x):
+        return (model(pixel_values=x, interpolate_pos_encoding=True) if interpolate else model(pixel_values=x)).logits
+
+    return logits
+
+
+def _pre_logits(model):
+    """The features a classifier's head reads (the input of its ``classifier`` layer), for feature tasks."""
+    head, logits = getattr(model, "classifier", None), _logits_fn(model)
+    if not isinstance(head, nn.Module):  # e.g. DeiT with a distillation head: the backbone's own features
+        return _embedder(model.base_model)
+
+    def embed(x):
+        seen: list[torch.Tensor] = []
+        hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            logits(x)
+        finally:
+            hook.remove()
+        return seen[-1] if seen[-1].dim() == 2 else seen[-1][:, 0]
+
+    return embed
+
+
+def _field(sizes, key: str):
+    """``sizes[key]`` of a processor's size spec (a dict, or transformers 5's SizeDict)."""
+    if sizes is None:
+        return None
+    return sizes.get(key) if isinstance(sizes, dict) else getattr(sizes, key, None)
+
+
+class ProcessorTransform:
+    """One PIL image → [3, S, S] through a transformers image processor; at a size other than the
+    checkpoint's, its resize and crop sizes are scaled by the same factor (aspect and crop ratio kept)."""
+
+    def __init__(self, processor, size: int) -> None:
+        self.processor, self.kwargs = processor, {}
+        crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+        resize = getattr(processor, "size", None)
+        native = next((int(v) for d in (crop, resize) for k in ("height", "shortest_edge")
+                       if (v := _field(d, k))), None)
+        if native and native != size:
+            def scaled(d):
+                return {k: round(v * size / native) for k in ("height", "width", "shortest_edge")
+                        if (v := _field(d, k))}
+            self.kwargs["size"] = scaled(resize)
+            if crop is not None:
+                self.kwargs["crop_size"] = scaled(crop)
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt", **self.kwargs)["pixel_values"][0]
+
+    def describe(self) -> dict:
+        p = self.processor
+        out = {"library": "transformers", "processor": type(p).__name__}
+        for key in ("size", "crop_size"):
+            value = self.kwargs.get(key) or getattr(p, key, None)
+            if value is not None:
+                out[key] = {k: v for k in ("height", "width", "shortest_edge") if (v := _field(value, k))}
+        for key in ("do_center_crop", "crop_pct", "resample", "image_mean", "image_std"):
+            value = getattr(p, key, None)
+            if value is not None:
+                out[key] = list(value) if isinstance(value, (tuple, list)) else (
+                    value if isinstance(value, (bool, int, float, str)) else str(value))
+        return out
+
+
+_WNID = re.compile(r"n\d{8}")
+
+
+def _labels(config) -> list[str | None] | None:
+    """What each logit means: WordNet ids when the head is ImageNet's (its labels are WordNet ids, or
+    ImageNet-1k's class descriptions, or unnamed with 1000 classes; read with timm's ImageNet info when
+    timm is installed), else the config's ``id2label`` names; ``None`` when the head names nothing."""
+    num = int(config.num_labels)
+    names = [str((config.id2label or {}).get(i, "")) for i in range(num)]
+    if all(_WNID.fullmatch(n) for n in names):
+        return names
+    generic = all(n in ("", f"LABEL_{i}") for i, n in enumerate(names))
+    try:
+        info = require("timm.data").ImageNetInfo("imagenet-1k") if num == 1000 else None
+    except ImportError:
+        info = None
+    if info is not None:
+        described = [info.index_to_description(i).lower() for i in range(num)]
+        if generic or sum(a.lower() == b for a, b in zip(names, described, strict=True)) >= 0.9 * num:
+            return list(info.label_names())
+    return None if generic else names
+
+
+def classifier(model, processor, size: int) -> Classifier:
+    """A transformers ``*ForImageClassification`` model's head with its own image processor at ``size`` px."""
+    transform = ProcessorTransform(processor, size)
+    return Classifier(_logits_fn(model), int(model.config.num_labels), _labels(model.config), transform,
+                      transform.describe())
 
 
 def load_tiny(spec: str, *, image_size: int | None = None) -> LoadedModel:

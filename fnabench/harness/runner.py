@@ -293,15 +293,18 @@ class Runner:
     def _run_cell(self, cell, loaded, task, data, settings, started, t0, env) -> dict:
         variant = parse_variant(cell.variant)
         batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
-        timing, memory = self._time(cell, loaded, variant, batch, settings)
+        timing, memory = self._time(cell, loaded, variant, batch, settings, _measured(task, loaded))
         with patch(loaded.model, variant) as handle:
-            flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"))
+            flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"), _measured(task, loaded))
             torch.manual_seed(settings.seed)
             metrics = task.evaluate(loaded, data, settings)
             fallback = _fallback_layers(handle)
         record = _base_record(cell, started, t0, env)
         if fallback is not None:
             record["fallback"] = fallback
+        if isinstance(metrics.get("details"), dict):  # what a task reports beside its metrics (per-class scores)
+            metrics = dict(metrics)
+            record["details"] = metrics.pop("details")
         record.update(metrics={k: float(v) for k, v in metrics.items()}, primary_metric=task.primary,
                       higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
                       peak_memory_bytes=int(memory), image_size=loaded.image_size)
@@ -312,13 +315,16 @@ class Runner:
         record["duration_s"] = round(time.perf_counter() - t0, 3)
         return record
 
-    def _count(self, cell: rec.Cell, loaded, one: torch.Tensor, per: str = "image") -> dict:
-        key = (cell.model, cell.variant, tuple(one.shape), str(one.dtype))
+    def _count(self, cell: rec.Cell, loaded, one: torch.Tensor, per: str = "image",
+               measured: tuple[str, Callable] | None = None) -> dict:
+        what, forward = measured or ("features", loaded.embed)
+        key = (cell.model, cell.variant, tuple(one.shape), str(one.dtype), what)
         if key not in self._flops:
-            counted = count_flops(loaded.embed, one)
+            counted = count_flops(forward, one)
             self._flops[key] = {"total": counted.total, "attention": counted.attention,
                                 "gflops": counted.total / 1e9, "attention_gflops": counted.attention / 1e9,
-                                "input_shape": list(one.shape), "per": per}
+                                "input_shape": list(one.shape), "per": per,
+                                **({"forward": what} if what != "features" else {})}
         return self._flops[key]
 
     def _kv_cache(self, cell: rec.Cell, loaded, variant: Variant, one: torch.Tensor) -> dict:
@@ -347,18 +353,20 @@ class Runner:
         prepared data its metrics came from (the split is seeded, so it is the same data).
         """
         batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
-        timing, memory = self._time(cell, loaded, parse_variant(cell.variant), batch, settings)
+        timing, memory = self._time(cell, loaded, parse_variant(cell.variant), batch, settings,
+                                    _measured(task, loaded))
         timing = {**timing, "retimed": {"at": rec.now(), "environment": env}}
         return {**_items(task, data, old["metrics"]), **old, "timing": timing, "peak_memory_bytes": int(memory)}
 
     def _time(self, cell: rec.Cell, loaded, variant: Variant, batch: torch.Tensor,
-              settings: Settings) -> tuple[dict, int]:
-        """Latency and peak memory of one batch, once per (model, variant, batch shape): tasks share it.
+              settings: Settings, measured: tuple[str, Callable] | None = None) -> tuple[dict, int]:
+        """Latency and peak memory of one batch, once per (model, variant, batch shape, forward): tasks share it.
 
         Timed in alternating rounds with exact attention on the same batch (unless the cell is the
         exact reference itself); the record keeps both and their ratio as ``timing.speedup``.
         """
-        key = (cell.model, cell.variant, tuple(batch.shape), str(batch.dtype))
+        what, forward = measured or ("features", loaded.embed)
+        key = (cell.model, cell.variant, tuple(batch.shape), str(batch.dtype), what)
         if key in self._timings:
             return self._timings[key]
 
@@ -366,7 +374,7 @@ class Runner:
             @contextlib.contextmanager
             def patched() -> Iterator[Callable[[], object]]:
                 with patch(loaded.model, spec):
-                    yield lambda: loaded.embed(batch)
+                    yield lambda: forward(batch)
 
             return patched
 
@@ -376,7 +384,7 @@ class Runner:
                                    warmup=self.config.timing_warmup, repeats=self.config.timing_repeats,
                                    device=settings.device)
         with patch(loaded.model, variant):
-            memory = peak_memory(lambda: loaded.embed(batch), device=settings.device)
+            memory = peak_memory(lambda: forward(batch), device=settings.device)
         n = int(batch.shape[0])
         timing = {**lats[0].as_dict(), "batch_size": n, "images_per_s": lats[0].throughput(n)}
         if paired:
@@ -411,6 +419,13 @@ def _fallback_layers(handle) -> dict | None:
     return {tower: {"approximated": sorted(k for k, ran in state.approximated.items() if ran),
                     "exact": sorted(k for k, ran in state.approximated.items() if not ran)}
             for tower, state in handle.states.items() if state.approximated}
+
+
+def _measured(task, loaded) -> tuple[str, Callable] | None:
+    """What a cell's FLOPs, latency and memory measure when its task names it (``measures`` and
+    ``forward(loaded)``: a classifier's logits, head included); ``None``: the model's features."""
+    what = getattr(task, "measures", None)
+    return (what, task.forward(loaded)) if what else None
 
 
 def _items(task, data, metrics) -> dict:

@@ -90,6 +90,11 @@ class Task(Protocol):
     Optionally, ``items(prepared)`` says how many items stand behind the metrics (``{"test": n, ...}``)
     and ``proportions`` maps metrics that are a share of those items to (items key, scale: 100 for
     percent), so leaderboards can give each number its sample size and standard error.
+
+    A task whose cells should be measured on something other than the model's features names it:
+    ``measures`` (e.g. ``"logits"``) and ``forward(loaded)`` returning the batch → output callable whose
+    FLOPs, latency and memory the runner records. ``evaluate`` may return, beside its metrics, a
+    ``"details"`` dict (per-class scores, settings it used) that the record keeps as it is.
     """
 
     name: str
