@@ -162,8 +162,8 @@ def _num_prefix(model: nn.Module, list_path: str, tower: str) -> int:
         owner = model.get_submodule(".".join(parts[:cut])) if cut else model
         if isinstance(getattr(owner, "num_prefix_tokens", None), int):  # timm
             return owner.num_prefix_tokens
-        if isinstance(getattr(owner, "cls_token", None), torch.Tensor):  # mmseg ViT/BEiT/MAE: CLS always prepended
-            return 1
+        if isinstance(getattr(owner, "cls_token", None), torch.Tensor):  # mmseg ViT/BEiT/MAE
+            return 0 if getattr(owner, "with_cls_token", True) is False else 1
         if getattr(owner, "class_embedding", None) is not None and isinstance(owner.class_embedding, torch.Tensor):
             return 1  # open_clip VisionTransformer
         emb = getattr(owner, "embeddings", None)
