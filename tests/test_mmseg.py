@@ -212,6 +212,40 @@ def test_mmseg_task_in_the_harness_records_the_miou_mmseg_logs(tmp_path):
     assert json.dumps(records["exact"]["metrics"])  # plain floats
 
 
+_STOCK_BACKBONE_CONFIG = _TINY_CONFIG.replace(
+    "backbone=dict(type='FnabenchBackbone', model='tiny:vit', out_indices=[-2, -1]),",
+    "backbone=dict(type='VisionTransformer', img_size=(64, 64), patch_size=16, embed_dims=96, num_layers=4, "
+    "num_heads=3, out_indices=(1, 3)),").replace(
+    "type='LinearBNHead', in_channels=[1, 1], in_index=[0, 1], input_transform='resize_concat',\n"
+    "                     channels=2,", "type='FCNHead', in_channels=96, in_index=1, channels=32, num_convs=1,")
+
+
+def test_an_mmseg_model_with_a_stock_backbone_runs_as_a_harness_cell(tmp_path):
+    """Model ``mmseg:<config>``: the segmentor as the config builds it (mmseg's own ViT), weights from the
+    task's checkpoint; the variant reaches mmcv's attention, ToMe's taps come back on the full grid."""
+    from fnabench.harness import config as cfg_mod
+    from fnabench.harness import records as rec_io
+    from fnabench.harness.runner import run_sweep
+
+    config = tmp_path / "stock_tiny.py"
+    config.write_text(_STOCK_BACKBONE_CONFIG.format(data_root=str(tmp_path / "data")))
+    assert "VisionTransformer" in config.read_text() and "FCNHead" in config.read_text()
+    torch.manual_seed(0)
+    segmentor = _build_segmentor(_config(config))
+    torch.save({"state_dict": segmentor.state_dict()}, tmp_path / "weights.pth")
+    task = f"mmseg:{config}"
+    sweep = cfg_mod.from_dict({
+        "name": "seg-stock", "models": [task], "tasks": [task], "variants": ["exact", "tome:r=4", "fna:m=8"],
+        "batch_size": 1, "timing_repeats": 1, "out": str(tmp_path / "results"),
+        "task_options": {task: {"work_dir": str(tmp_path / "work"), "checkpoint": str(tmp_path / "weights.pth")}}})
+    summary = run_sweep(sweep, quiet=True)
+    assert summary.ok, summary.failed
+    records = {r["variant_short"]: r for r in rec_io.read_records(tmp_path / "results")}
+    assert records["tome:r=4"]["flops"]["total"] < records["exact"]["flops"]["total"]
+    assert records["fna:m=8"]["flops"]["attention"] != records["exact"]["flops"]["attention"]  # the patch is live
+    assert all(0 <= r["metrics"]["mIoU"] <= 100 for r in records.values())
+
+
 def test_unknown_config_is_one_line_naming_what_is_accepted():
     from fnabench.harness.registry import make_task
     from fnabench.tasks.base import TaskError

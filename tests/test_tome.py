@@ -162,3 +162,18 @@ def test_tome_refuses_decoders_in_one_line():
     with pytest.raises(fnabench.UnsupportedModelError, match="causal decoder"):
         fnabench.patch(model, "tome:r=2")
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@torch.no_grad()
+def test_tome_runs_in_the_fidelity_task_with_per_block_outputs_on_the_full_grid(tiny_vit):
+    from fnabench.tasks.base import Settings
+    from fnabench.tasks.fidelity import FidelityTask
+
+    task = FidelityTask("synthetic", per_block=True, per_block_images=1, num_synthetic=2)
+    settings = Settings(image_size=64, batch_size=2, limit=2)
+    prepared = task.prepare(tiny_vit, settings)
+    with fnabench.patch(tiny_vit.model, "tome:r=0"):
+        assert task.evaluate(tiny_vit, prepared, settings)["rel_err_block5"] == 0
+    with fnabench.patch(tiny_vit.model, "tome:r=3"):
+        metrics = task.evaluate(tiny_vit, prepared, settings)
+    assert 0 < metrics["rel_err_block1"] < metrics["rel_err_block5"] < 1 and metrics["cos_sim"] < 1

@@ -23,10 +23,13 @@ config's ``load_from``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,6 @@ from typing import Any
 
 import torch
 
-from .._extras import require
 from ..adapters.core import HANDLE_ATTR
 from ..adapters.loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelInputError, make_preprocess
 from .base import TEXT, Option, Settings, TaskError, check_options, positive_int
@@ -71,9 +73,24 @@ def resolve_config(name: str) -> Path:
                     "8xb2-80k_ade20k-512x512")
 
 
+INSTALL = "pip install 'fnabench[seg]' && bash tools/install_mmcv.sh"
+
+
+def require_seg() -> None:
+    """mmseg and a compiled mmcv, or one line saying how to get them."""
+    from .._extras import MissingExtraError
+
+    for module in ("mmseg", "mmengine", "mmcv._ext"):
+        try:
+            __import__(module)
+        except ImportError as err:
+            raise MissingExtraError(f"{module} is needed for mmseg tasks but not importable ({err}); "
+                                    f"run: {INSTALL}") from None
+
+
 def _config(path: Path):
     """The config with fnabench's mmseg module among its custom imports (registers hook, backbone, data)."""
-    require("mmseg")
+    require_seg()
     from mmengine.config import Config
 
     cfg = Config.fromfile(str(path))
@@ -92,11 +109,17 @@ def _config(path: Path):
     return cfg
 
 
-def _build_segmentor(cfg) -> torch.nn.Module:
+def _scope(cfg):
+    """mmseg's registries as the default scope while building (nested types such as PackSegInputs)."""
     from mmengine.registry import DefaultScope
+
+    return DefaultScope.overwrite_default_scope(cfg.get("default_scope") or "mmseg")
+
+
+def _build_segmentor(cfg) -> torch.nn.Module:
     from mmseg.registry import MODELS
 
-    with DefaultScope.overwrite_default_scope(cfg.get("default_scope") or "mmseg"):
+    with _scope(cfg):
         return MODELS.build(cfg.model)
 
 
@@ -144,6 +167,7 @@ class MmsegTask:
     def __init__(self, config: str, **options: Any) -> None:
         self.config_name = config
         self.path = resolve_config(config)
+        require_seg()  # a sweep without the extra stops before any model loads
         self.options = options
         self.name = f"mmseg:{config}"
         self.higher_is_better = {"mIoU": True, "aAcc": True, "mAcc": True}
@@ -216,7 +240,8 @@ class MmsegTask:
         """A batch of test inputs as the segmentor sees them (data preprocessor applied), and the test size."""
         from mmseg.registry import DATASETS
 
-        dataset = DATASETS.build(copy.deepcopy(cfg.test_dataloader.dataset))
+        with _scope(cfg):
+            dataset = DATASETS.build(copy.deepcopy(cfg.test_dataloader.dataset))
         if len(dataset) == 0:
             raise TaskError(f"{self.name}: the test set is empty (data_root "
                             f"{cfg.test_dataloader.dataset.get('data_root')!r})")
@@ -246,7 +271,8 @@ class MmsegTask:
     def evaluate(self, loaded: LoadedModel, prepared: Prepared, settings: Settings) -> dict[str, float]:
         runner = self.runner(loaded, prepared, settings)
         metrics = runner.test()
-        out = {k: float(metrics[k]) for k in ("aAcc", "mIoU", "mAcc") if k in metrics}
+        # mmseg rounds to 2 decimals in float32: keep the decimal it means (what its log prints)
+        out = {k: float(str(metrics[k])) for k in ("aAcc", "mIoU", "mAcc") if k in metrics}
         if "mIoU" not in out:
             raise RuntimeError(f"{self.name}: mmseg's test loop returned no mIoU ({sorted(metrics)})")
         return out
@@ -261,19 +287,20 @@ class MmsegTask:
         work_dir = Path(self.options.get("work_dir") or cache_root() / "mmseg-work" / self.path.stem)
         self._runs += 1
         hooks = [h for h in (cfg.get("custom_hooks") or []) if h.get("type") not in (HOOK, f"mmseg.{HOOK}")]
-        runner = Runner(
-            model=prepared.segmentor, work_dir=str(work_dir / _slug(variant)),
-            test_dataloader=copy.deepcopy(cfg.test_dataloader), test_cfg=cfg.get("test_cfg") or dict(type="TestLoop"),
-            test_evaluator=copy.deepcopy(cfg.test_evaluator), default_hooks=copy.deepcopy(cfg.get("default_hooks")),
-            custom_hooks=hooks, load_from=None, default_scope=cfg.get("default_scope", "mmseg"),
-            env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0)),
-            log_processor=cfg.get("log_processor"), log_level="INFO", visualizer=cfg.get("visualizer"),
-            experiment_name=f"{_slug(variant)}-{time.strftime('%Y%m%d_%H%M%S')}-{os.getpid()}-{self._runs}",
-            cfg=cfg)
-        if settings.quiet:  # mmseg's log file keeps everything; the terminal only warnings
-            for h in runner.logger.handlers:
-                if type(h) is logging.StreamHandler:
-                    h.setLevel(logging.WARNING)
+        name = f"{_slug(variant)}-{time.strftime('%Y%m%d_%H%M%S')}-{os.getpid()}-{self._runs}"
+        visualizer = dict(cfg.get("visualizer") or dict(type="SegLocalVisualizer"), name=name)  # one per run
+        with contextlib.redirect_stdout(io.StringIO()):  # mmengine's environment banner: the log file has it
+            runner = Runner(
+                model=prepared.segmentor, work_dir=str(work_dir / _slug(variant)), experiment_name=name,
+                test_dataloader=copy.deepcopy(cfg.test_dataloader), test_evaluator=copy.deepcopy(cfg.test_evaluator),
+                test_cfg=cfg.get("test_cfg") or dict(type="TestLoop"), custom_hooks=hooks, load_from=None,
+                default_hooks=copy.deepcopy(cfg.get("default_hooks")), default_scope=cfg.get("default_scope", "mmseg"),
+                env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0)),
+                log_processor=cfg.get("log_processor"), log_level="INFO", visualizer=visualizer, cfg=cfg)
+        for h in runner.logger.handlers:  # mmseg's log file keeps everything; the terminal gets errors only
+            if type(h) is logging.StreamHandler:
+                h.setStream(sys.stdout)
+                h.setLevel(logging.ERROR)
         return runner
 
 
@@ -285,7 +312,7 @@ def _load_weights(segmentor: torch.nn.Module, checkpoint: str, task: str) -> dic
     """Load an mmseg checkpoint; every key the segmentor saves must be in it, and nothing else."""
     from mmengine.runner.checkpoint import _load_checkpoint
 
-    state = _load_checkpoint(checkpoint, map_location="cpu")
+    state = _load_checkpoint(checkpoint, map_location="cpu", logger="silent")
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = set(segmentor.state_dict())
