@@ -15,6 +15,7 @@ The folder layout is mmseg's (``img_dir/{train,test}/*.png``, ``ann_dir/{train,t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -46,8 +47,9 @@ PALETTE = ((0, 0, 0), (180, 60, 40), (60, 160, 60), (130, 130, 130), (240, 240, 
 TRAIN_SHARE = 0.7
 
 
+@functools.lru_cache(maxsize=1)
 def _photographs() -> dict[str, np.ndarray]:
-    """The packaged photographs by name, as float RGB arrays in [0, 1]."""
+    """The packaged photographs by name, as float RGB arrays in [0, 1] (read once per process)."""
     from .images import _matplotlib, _skimage, _sklearn
 
     found = {name: np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
