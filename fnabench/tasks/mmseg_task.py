@@ -28,6 +28,7 @@ import copy
 import io
 import logging
 import os
+import pickle
 import re
 import sys
 import time
@@ -309,10 +310,22 @@ def _slug(text: str) -> str:
 
 
 def _load_weights(segmentor: torch.nn.Module, checkpoint: str, task: str) -> dict:
-    """Load an mmseg checkpoint; every key the segmentor saves must be in it, and nothing else."""
+    """Load an mmseg checkpoint; every key the segmentor saves must be in it, and nothing else.
+
+    A local file is read as tensors only (torch's ``weights_only``): an mmengine training checkpoint that
+    also pickles its loop state (``message_hub``) is refused in one line saying how to keep its weights."""
     from mmengine.runner.checkpoint import _load_checkpoint
 
-    state = _load_checkpoint(checkpoint, map_location="cpu", logger="silent")
+    if "://" in checkpoint:
+        state = _load_checkpoint(checkpoint, map_location="cpu", logger="silent")
+    else:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).split("WeightsUnpickler error:")[-1].strip().split(".")[0]
+            raise TaskError(f"{task}: checkpoint {checkpoint} holds more than tensors ({first}); keep its weights "
+                            "with torch.save({'state_dict': torch.load(path, weights_only=False)['state_dict']}, "
+                            "path) if you trust it") from None
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = set(segmentor.state_dict())

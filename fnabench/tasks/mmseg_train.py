@@ -10,7 +10,6 @@ head, the seeded synthetic set): mmseg's own training loop, seeded, on as many C
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,11 +42,25 @@ def train(config: str, work_dir: str, *, out: str | None = None, max_iters: int 
     runner.train()
     last = Path(work_dir) / (Path(work_dir) / "last_checkpoint").read_text().strip().split("/")[-1]
     runner.logger.info(f"fnabench: trained in {time.perf_counter() - start:.0f} s; checkpoint {last}")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(last, out)
-        return Path(out)
-    return last
+    if not out:
+        return last
+    # the weights and the run's description only: mmengine's loop state (message_hub) would make torch >= 2.6
+    # refuse the file under weights_only loading, which mmengine's own loader uses
+    saved = torch.load(last, map_location="cpu", weights_only=False)  # written by this process just now
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": _plain(saved.get("meta", {})), "state_dict": saved["state_dict"]}, out)
+    return Path(out)
+
+
+def _plain(value):
+    """``value`` with only types torch's weights_only loader accepts (dicts, lists, strings, numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
