@@ -27,6 +27,7 @@ wheel_dir=${FNABENCH_WHEELS:-${XDG_CACHE_HOME:-$HOME/.cache}/fnabench/wheels}/to
 wheel=$(ls "$wheel_dir"/mmcv-"$MMCV_VERSION"-"$py_tag"-*.whl 2>/dev/null | head -n 1 || true)
 
 if [ -z "$wheel" ]; then
+    command -v "${CXX:-g++}" > /dev/null || { echo "install_mmcv: building mmcv needs a C++20 compiler (g++ >= 10); none found" >&2; exit 2; }
     echo "install_mmcv: building mmcv $MMCV_VERSION against torch $torch_version ($ops ops) into $wheel_dir (about 10 minutes on 2 cores)"
     start=$(date +%s)
     work=$(mktemp -d)

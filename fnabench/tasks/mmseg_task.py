@@ -32,6 +32,7 @@ import pickle
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,8 +271,10 @@ class MmsegTask:
     # -- evaluation (the cell's variant patched in) -----------------------------------------
 
     def evaluate(self, loaded: LoadedModel, prepared: Prepared, settings: Settings) -> dict[str, float]:
-        runner = self.runner(loaded, prepared, settings)
-        metrics = runner.test()
+        with warnings.catch_warnings():  # mmseg/mmengine deprecation notes on every run: the log file has them
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"(mmseg|mmengine|mmcv)\b")
+            runner = self.runner(loaded, prepared, settings)
+            metrics = runner.test()
         # mmseg rounds to 2 decimals in float32: keep the decimal it means (what its log prints)
         out = {k: float(str(metrics[k])) for k in ("aAcc", "mIoU", "mAcc") if k in metrics}
         if "mIoU" not in out:
