@@ -63,7 +63,7 @@ COLUMNS = [
 CSV_KEYS = [
     "device", "device_name", "dtype", "threads", "batch", "heads", "head_dim", "n", "method", "spec", "m",
     "median_ms", "iqr_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "repeats", "speedup", "speedup_min", "gflops",
-    "flop_bound", "of_bound", "of_bound_min", "rel_err", "peak_mb", "select_ms", "core_ms", "skipped",
+    "flop_bound", "of_bound", "of_bound_min", "rel_err", "peak_mb", "select_ms", "core_ms", "compiled", "skipped",
 ]
 
 
@@ -88,6 +88,14 @@ def make_call(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return variant.attend(q, k, v, state)
 
     return call
+
+
+def compiled_call(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """:func:`make_call` through ``torch.compile``, compiled by one call here so timing never sees it."""
+    compiled = torch.compile(make_call(variant, q, k, v), dynamic=False)
+    with torch.no_grad():
+        compiled()
+    return compiled
 
 
 def split_specs(text: str) -> list[str]:
@@ -186,6 +194,12 @@ def run_size(args: argparse.Namespace, n: int, variants: list[Variant], device: 
         else:
             calls[i] = make_call(variant, q, k, v)
         rows.append(row)
+    if args.compile:  # each approximation once more, through torch.compile (compiled before timing starts)
+        for variant in variants[1:]:
+            i = len(rows)
+            rows.append(dict(rows[variants.index(variant)], method=f"{variant.short} [compiled]", compiled=True))
+            calls[i] = compiled_call(variant, q, k, v)
+        variants = variants + variants[1:]
     lats = time_all([fixed(c) for c in calls.values()], device=device, repeats=args.repeats, warmup=args.warmup,
                     budget_s=args.budget, interleave=args.interleave)
     for i, lat in zip(calls, lats, strict=True):
@@ -207,9 +221,9 @@ def run_size(args: argparse.Namespace, n: int, variants: list[Variant], device: 
             if row["flop_bound"]:
                 row["of_bound"] = row["speedup"] / row["flop_bound"]
                 row["of_bound_min"] = row["speedup_min"] / row["flop_bound"]
-        if not args.no_memory:
+        if not args.no_memory and not row.get("compiled"):
             row["peak_mb"] = peak_memory_mb(args, variant.canonical, n, device, calls[i])
-        if has_breakdown(variant) and not args.no_breakdown:
+        if has_breakdown(variant) and not args.no_breakdown and not row.get("compiled"):
             row["select_ms"], row["core_ms"] = breakdown(args, variant, q, k, v, device)
         print(f"  N={n:>6} {variant.short:<16} {row['median_ms']:10.2f} ms  speed-up {fmt(row.get('speedup'))}  "
               f"peak MB {fmt(row.get('peak_mb'))}", file=sys.stderr, flush=True)
@@ -233,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--no-breakdown", action="store_true", help="skip timing FNA's selection and core separately")
     p.add_argument("--quick", action="store_true", help="smoke test: N = 256, 1024 and 2 repeats")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every approximation through torch.compile, as extra '[compiled]' rows")
     add_common_args(p)
     args = p.parse_args(argv)
     if args.quick:

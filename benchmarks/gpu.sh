@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the attention and ViT benchmarks on one CUDA GPU in one short call (a few minutes on an H100).
+# Run the attention and ViT benchmarks on one CUDA GPU in one short call (a few minutes on an H100):
+# fp32, fp16 and bf16 attention, FNA through torch.compile, fp32 and bf16 ViTs, all timed with CUDA events.
 # CSVs and the printed tables go to ${OUT:-benchmarks/out}. Python: $PYTHON, else .venv/bin/python, else python.
 #
 #   bash benchmarks/gpu.sh
@@ -41,6 +42,11 @@ step() {  # step NAME ARGS...: run one benchmark, keep its table next to its CSV
 
 step attention_fp32 benchmarks/attention.py --sizes "$sizes" --dtype float32 --repeats 20
 step attention_fp16 benchmarks/attention.py --sizes "$sizes" --dtype float16 --repeats 20
+step attention_bf16 benchmarks/attention.py --sizes "$sizes" --dtype bfloat16 --repeats 20
+# torch.compile of the FNA call (one compile per size and method, so two sizes only)
+step attention_bf16_compiled benchmarks/attention.py --sizes 4096,16384 --dtype bfloat16 --repeats 20 \
+    --methods exact,fna:m=64,fna:m=64,landmarks=random --compile --no-memory
 step vit_fp32 benchmarks/vit.py --sizes 224,448,896 --dtype float32 --repeats 20
+step vit_bf16 benchmarks/vit.py --sizes 224,448,896 --dtype bfloat16 --repeats 20
 
 echo "== done in $((SECONDS - start)) s; results in $out_dir"

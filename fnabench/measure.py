@@ -78,6 +78,11 @@ def _solve_formula(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return _batch(a_shape, b_shape) * (2 * m**3 // 3 + 2 * m * m * b_shape[-1])
 
 
+def _lu_formula(a_shape, *args, out_shape=None, **kwargs) -> int:
+    """LU factorisation of an m×m matrix: 2/3·m³ FLOPs, per matrix."""
+    return _batch(a_shape, core=2) * (2 * a_shape[-1] ** 3 // 3)
+
+
 def _triangular_formula(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     """Triangular solve of A·X = B (A m×m, B m×k): m²·k FLOPs (m²/2 multiply-adds per column)."""
     return _batch(a_shape, b_shape) * a_shape[-1] * a_shape[-1] * b_shape[-1]
@@ -89,7 +94,8 @@ def _extra_formulas() -> dict:
     if cpu_sdpa is not None and cpu_sdpa not in _fc.flop_registry:
         extra[cpu_sdpa] = _fc.shape_wrapper(_sdpa_formula)
     for op_name, formula in (("_linalg_svd", _svd_formula), ("linalg_pinv", _pinv_formula),
-                             ("_linalg_solve_ex", _solve_formula), ("linalg_solve_triangular", _triangular_formula)):
+                             ("_linalg_solve_ex", _solve_formula), ("linalg_lu_factor_ex", _lu_formula),
+                             ("linalg_solve_triangular", _triangular_formula)):
         op = getattr(_aten, op_name, None)
         if op is not None and op not in _fc.flop_registry:
             extra[op] = _fc.shape_wrapper(formula)

@@ -12,7 +12,7 @@ from fnabench.variants.exact import exact_attention, sdpa_attention
 from fnabench.variants.fna import fna_attention, nystrom_attention
 from fnabench.variants.mask import detect_tokens
 from fnabench.variants.nystrom import segment_mean_attention, segment_means
-from fnabench.variants.pinv import exact_pinv, newton_pinv, ridge_values
+from fnabench.variants.pinv import exact_pinv, newton_pinv, ridge_values, solve_dominant
 
 
 def _qkv(b=2, h=3, n=40, d=16, dtype=torch.float64, scale=1.0):
@@ -131,6 +131,90 @@ def test_ridge_solve_agrees_with_pinv_on_well_conditioned_a_and_is_exact_at_m_eq
     for lam in (1e-3, 1.0, 10.0):  # every token a landmark: exact whatever λ
         assert rel_err(fna_attention(q, k, v, every, pinv="ridge", ridge=lam), exact_attention(q, k, v)) < 1e-6
         assert rel_err(segment_mean_attention(q, k, v, 30, pinv="ridge", ridge=lam), exact_attention(q, k, v)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dominant_solve_takes_the_fast_path_and_matches_lapack(dtype, monkeypatch):
+    """A + λI (λ ≥ 1, softmax rows) needs no pivoting: two triangular solves give LAPACK's answer, row-major.
+    torch.linalg.solve is made to fail, so a silent fall-back to it cannot pass."""
+    a = torch.softmax(torch.randn(4, 12, 64, 64, dtype=dtype) * 4, -1)
+    rhs = torch.randn(4, 12, 64, 32, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for lam in (1.0, 3.0):
+        shifted = a + lam * torch.eye(64, dtype=dtype)
+        ref = torch.linalg.solve(shifted, rhs)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.linalg, "solve", None)
+            out = solve_dominant(shifted, rhs)
+        assert out.is_contiguous() and rel_err(out, ref) < tol
+
+
+def test_dominant_solve_falls_back_to_lapack_where_pivoting_is_needed():
+    # a permutation-like matrix: LU of its transpose must swap rows, so the fast path may not be used
+    mat = torch.tensor([[1e-9, 1.0, 0.0], [1.0, 1e-9, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    rhs = torch.randn(3, 5, dtype=torch.float64)
+    out = solve_dominant(mat, rhs)
+    assert torch.allclose(mat @ out, rhs, atol=1e-12)
+    assert torch.isfinite(ridge_values(torch.softmax(torch.randn(2, 16, 16) * 30, -1), torch.randn(2, 16, 8),
+                                       torch.randn(2, 16, 8), 1e-3)).all()
+
+
+def _reference_fps(x, m, guarantee, exclude):
+    """FPS by its definition, one row at a time: guaranteed tokens, else the candidate farthest from the
+    candidates' centroid; then the candidate farthest from the chosen set; repeat the last pick when none is
+    left. Ties go to the lowest index."""
+    out = []
+    for row, g_row, e_row in zip(x.double(), guarantee, exclude, strict=True):
+        e_row = e_row & ~g_row
+        picks = g_row.nonzero().flatten().tolist()[:m]
+        cand = [i for i in range(len(row)) if not g_row[i] and not e_row[i]]
+        if not picks and cand:
+            centre = row[cand].mean(0)
+            dists = [float(((row[i] - centre) ** 2).sum()) for i in cand]
+            picks.append(cand[dists.index(max(dists))])
+        while len(picks) < m:
+            left = [i for i in cand if i not in picks]
+            if not left:
+                picks.append(picks[-1])
+                continue
+            dists = [min(float(((row[i] - row[j]) ** 2).sum()) for j in picks) for i in left]
+            picks.append(left[dists.index(max(dists))])
+        out.append(picks)
+    return torch.tensor(out)
+
+
+def test_fps_picks_what_the_definition_picks_with_shared_and_per_row_masks():
+    """Integer features keep every distance exact in float32, so ties are real and must break alike."""
+    gen = torch.Generator().manual_seed(0)
+    for case in range(60):
+        b, n, d = 3, int(torch.randint(4, 40, (1,), generator=gen)), int(torch.randint(1, 5, (1,), generator=gen))
+        m = int(torch.randint(1, n + 6, (1,), generator=gen))
+        x = torch.randint(-3, 4, (b, n, d), generator=gen).float()
+        guarantee = torch.rand(n, generator=gen) < (0.1 if case % 3 else 0.0)
+        exclude = torch.rand(n, generator=gen) < (0.3 if case % 2 else 0.0)
+        if not guarantee.any():  # the centroid is fractional: plant a far outlier so that first pick is unambiguous
+            x[:, int((~exclude).nonzero()[0]) if (~exclude).any() else 0] = 50.0
+        rows_g, rows_e = guarantee.expand(b, n).clone(), exclude.expand(b, n).clone()
+        rows_e[1] |= torch.rand(n, generator=gen) < 0.3  # one row with its own exclusions
+        want_shared = _reference_fps(x, m, rows_g, exclude.expand(b, n))
+        assert torch.equal(lm.farthest_point_sampling(x, m, guarantee=guarantee, exclude=exclude), want_shared), case
+        want_rows = _reference_fps(x, m, rows_g, rows_e)
+        assert torch.equal(lm.farthest_point_sampling(x, m, guarantee=rows_g, exclude=rows_e), want_rows), case
+
+
+def test_small_op_stretches_restore_the_thread_count():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = _qkv(n=50, dtype=torch.float32)
+        idx = lm.farthest_point_sampling(q.mean(1), 8, guarantee=torch.arange(50) < 1)
+        fna_attention(q, k, v, idx, pinv="ridge")
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            fna_attention(q, k, v, idx, pinv="nonsense")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

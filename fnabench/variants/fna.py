@@ -16,12 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from .pinv import pseudo_inverse, ridge_values, work_dtype
+from .threads import single_thread
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` [B, m] of x [B, H, N, d] → [B, H, m, d], the same indices for every head."""
-    b, h, _, d = x.shape
-    return x.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+    """Rows ``idx`` [B, m] of x [B, H, N, d] → [B, H, m, d], the same indices for every head.
+
+    Indexes whole token rows (all heads at once), about 3x faster on CPU than a gather with a
+    broadcast index; the result is a strided view, which the matmuls and SDPA take as it is.
+    """
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x.transpose(1, 2)[rows, idx].transpose(1, 2)
 
 
 def _finite_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -55,18 +60,19 @@ def nystrom_core(
     broadcastable to [B, H, m, m], [B, H, m, N] and [B, H, N, m]. ``pinv='ridge'`` solves for Ṽ
     (pinv.ridge_values) and needs the landmarks' own values ``v_land``.
     """
+    if pinv == "ridge" and v_land is None:
+        raise ValueError("pinv='ridge' needs the landmarks' values v_land")
     wd = work_dtype(q.dtype)
-    logits = (q_land.to(wd) @ k_land.to(wd).transpose(-1, -2)) * scale
-    if mask_land_land is not None:
-        logits = logits.masked_fill(~mask_land_land, float("-inf"))
-    a = torch.softmax(logits, dim=-1)
     b = F.scaled_dot_product_attention(q_land, k, v, attn_mask=mask_land_all, scale=scale)
-    if pinv == "ridge":
-        if v_land is None:
-            raise ValueError("pinv='ridge' needs the landmarks' values v_land")
-        v_tilde = ridge_values(a, b, v_land, ridge)
-    else:
-        v_tilde = pseudo_inverse(a, pinv, pinv_iters, rcond) @ b.to(wd)
+    with single_thread():  # m×m work: small ops that a second thread only slows under load
+        logits = (q_land.to(wd) @ k_land.to(wd).transpose(-1, -2)) * scale
+        if mask_land_land is not None:
+            logits = logits.masked_fill(~mask_land_land, float("-inf"))
+        a = torch.softmax(logits, dim=-1)
+        if pinv == "ridge":
+            v_tilde = ridge_values(a, b, v_land, ridge)
+        else:
+            v_tilde = pseudo_inverse(a, pinv, pinv_iters, rcond) @ b.to(wd)
     return F.scaled_dot_product_attention(q, k_land, _finite_cast(v_tilde, v.dtype), attn_mask=mask_all_land,
                                           scale=scale)
 

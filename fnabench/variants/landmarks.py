@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .threads import single_thread
+
 
 def _as_batch_mask(mask: torch.Tensor | None, batch: int, num_tokens: int, device) -> torch.Tensor:
     if mask is None:
@@ -37,38 +39,87 @@ def farthest_point_sampling(
 
     Guaranteed tokens seed the set; with none, the first pick is the candidate farthest from the
     candidates' centroid. Each later pick maximises the distance to the set chosen so far, so
-    outliers (high-norm sink/artifact tokens) enter early.
+    outliers (high-norm sink/artifact tokens) enter early. Masks shared by every row (1-D, as specs
+    give them) take a path whose guaranteed block and run-out are decided on the host: five small ops
+    per pick instead of ten; per-row masks ([B, N]) decide them on the device. Both pick the same tokens.
     """
+    with single_thread():
+        x = x.float()
+        sq_norm = (x * x).sum(-1, keepdim=True)  # [B, N, 1]
+        if _shared(guarantee) and _shared(exclude):
+            return _fps_shared_masks(x, sq_norm, m, guarantee, exclude)
+        return _fps_row_masks(x, sq_norm, m, guarantee, exclude)
+
+
+def _shared(mask: torch.Tensor | None) -> bool:
+    """A mask every row shares and the host can read (None, or 1-D on a real device)."""
+    return mask is None or (mask.dim() == 1 and mask.device.type != "meta")
+
+
+def _distance_update(x: torch.Tensor, sq_norm: torch.Tensor, score: torch.Tensor, pick: torch.Tensor) -> None:
+    """score ← min(score, ‖x − x_pick‖²) in place, then the pick itself to −inf; ``pick`` is [B, 1]."""
+    batch, _, dim = x.shape
+    point = x.gather(1, pick[..., None].expand(batch, 1, dim))  # [B, 1, D]
+    dist = torch.baddbmm(sq_norm, x, point.transpose(1, 2), alpha=-2).add_(sq_norm.gather(1, pick[..., None]))
+    torch.minimum(score, dist, out=score)
+    score.scatter_(1, pick[..., None], float("-inf"))
+
+
+def _centre_pick(x: torch.Tensor, sq_norm: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: the candidate farthest from the candidates' centroid (``candidate`` [B, N, 1] bool)."""
+    centroid = (x * candidate).sum(1, keepdim=True) / candidate.sum(1, keepdim=True).clamp(min=1)  # [B, 1, D]
+    dist = torch.baddbmm(sq_norm, x, centroid.transpose(1, 2), alpha=-2).add_((centroid * centroid).sum(-1, True))
+    return dist.masked_fill(~candidate, float("-inf")).argmax(1)
+
+
+def _fps_shared_masks(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
     batch, num_tokens, _ = x.shape
-    x = x.float()
+    none = torch.zeros(num_tokens, dtype=torch.bool)
+    guarantee = none if guarantee is None else guarantee.to("cpu", torch.bool)
+    exclude = (none if exclude is None else exclude.to("cpu", torch.bool)) & ~guarantee
+    guaranteed = guarantee.nonzero().flatten().tolist()[:m]
+    candidate = ~(guarantee | exclude)
+    steps = min(m, len(guaranteed) + int(candidate.sum()))  # picks before the candidates run out
+    score = torch.full_like(sq_norm, float("inf"))
+    if not bool(candidate.all()):
+        score[:, ~candidate.to(x.device)] = float("-inf")
+    picks = []
+    for step in range(steps):
+        if step < len(guaranteed):
+            pick = torch.full((batch, 1), guaranteed[step], dtype=torch.long, device=x.device)
+        elif step == 0:
+            pick = _centre_pick(x, sq_norm, candidate.to(x.device)[None, :, None].expand(batch, -1, -1))
+        else:
+            pick = score.argmax(1)
+        picks.append(pick)
+        if step + 1 < steps:
+            _distance_update(x, sq_norm, score, pick)
+    idx = torch.cat(picks, dim=1)
+    return torch.cat([idx, idx[:, -1:].expand(batch, m - steps)], dim=1) if steps < m else idx
+
+
+def _fps_row_masks(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
+    batch, num_tokens, _ = x.shape
     guarantee = _as_batch_mask(guarantee, batch, num_tokens, x.device)
     exclude = _as_batch_mask(exclude, batch, num_tokens, x.device) & ~guarantee
     g_order, g_count = _guaranteed_order(guarantee, m)
     candidate = ~(guarantee | exclude)
-    rows = torch.arange(batch, device=x.device)
-    sq_norm = (x * x).sum(-1)  # [B, N]
-
-    def dist_to(pick: torch.Tensor) -> torch.Tensor:  # squared distance of every token to x[rows, pick]
-        return sq_norm - 2 * (x @ x[rows, pick][..., None]).squeeze(-1) + sq_norm[rows, pick][:, None]
-
     # one tensor is both the running min distance and the score: chosen and non-candidates sit at -inf
     # (a fixed number of steps, no data-dependent bounds: it also runs on meta tensors, for FLOP counts)
-    centroid = (x * candidate[..., None]).sum(1) / candidate.sum(1, keepdim=True).clamp(min=1)
-    centre_dist = sq_norm - 2 * (x @ centroid[..., None]).squeeze(-1) + (centroid * centroid).sum(-1, True)
-    first = centre_dist.masked_fill(~candidate, float("-inf"))  # a row without guarantees starts here
-    score = torch.full_like(centre_dist, float("inf")).masked_fill(~candidate, float("-inf"))
+    first = _centre_pick(x, sq_norm, candidate[..., None])[:, 0]  # a row without guarantees starts here
+    score = torch.full_like(sq_norm, float("inf")).masked_fill(~candidate[..., None], float("-inf"))
     limit = g_count + candidate.sum(1)  # steps before a row runs out of candidates
     last = torch.zeros(batch, dtype=torch.long, device=x.device)
     picks = []
     for step in range(m):
-        best = (first if step == 0 else score).argmax(-1)
+        best = first if step == 0 else score.argmax(1)[:, 0]
         g_pick = g_order[:, min(step, g_order.shape[1] - 1)]
         # a row inside its guaranteed block takes the next guaranteed index; one out of candidates repeats
         pick = torch.where(step < g_count, g_pick, torch.where(step < limit, best, last))
         picks.append(pick)
         last = pick
-        score[rows, pick] = float("-inf")
-        score = torch.minimum(score, dist_to(pick))
+        if step + 1 < m:
+            _distance_update(x, sq_norm, score, pick[:, None])
     return torch.stack(picks, dim=1)
 
 

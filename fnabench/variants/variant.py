@@ -306,15 +306,18 @@ class Variant:
             return state.landmarks
         b, _, n, _ = q.shape
         m = core["m"]
-        guarantee = core["guarantee"].mask(n, state.num_prefix).to(q.device)
-        exclude = core["exclude"].mask(n, state.num_prefix).to(q.device)[None].expand(b, n)
+        # the spec's masks are shared by every row and stay on the host, so FPS decides its guaranteed
+        # block there; masked keys differ per row and move the decision to the device
+        guarantee = core["guarantee"].mask(n, state.num_prefix)
+        exclude = core["exclude"].mask(n, state.num_prefix)
         if key_masked is not None:  # a key-masked token would only ever serve itself
-            exclude = exclude | key_masked
+            exclude = exclude.to(q.device)[None].expand(b, n) | key_masked
         with torch.no_grad():
             feats = self._features(q, k, v, state)
             method = core["landmarks"]
             if method == "stride":
-                idx = stride_positions(n, m, guarantee=guarantee, exclude=exclude[0])[None].expand(b, -1)
+                first_row = exclude if exclude.dim() == 1 else exclude[0]
+                idx = stride_positions(n, m, guarantee=guarantee, exclude=first_row)[None].expand(b, -1)
                 idx = idx.to(q.device)
             elif method == "fps":
                 idx = lm.farthest_point_sampling(feats, m, guarantee=guarantee, exclude=exclude)
