@@ -528,3 +528,23 @@ def test_committed_classify_offline_leaderboard_regenerates_from_its_records(tmp
     assert abs(top1["fna:layers=-6:,m=64"] - top1["exact"]) < 100 * math.sqrt(0.7 * 0.3 / 1000)
     # the mask finds no artifact token in DINOv2-S here: its row is exact's, class by class
     assert by["mask:tokens=all"]["details"]["per_class_top1"] == by["exact"]["details"]["per_class_top1"]
+
+
+def test_committed_seg_offline_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/seg-offline (mmseg's test loop, real DINOv2-S, trained linear head) comes from its records:
+    exact segments far above chance (12.5 mIoU), ToMe's counted GFLOPs fall with r, every approximation
+    counts fewer GFLOPs than exact at 1025 tokens, and each speed-up was timed against exact in its own cell."""
+    records = _republished("seg-offline", tmp_path, monkeypatch)
+    assert all(r["status"] == "ok" for r in records)
+    by = {r["variant_short"]: r for r in records}
+    assert {"exact", "fna:m=32", "fna:m=64", "fna:landmarks=random,m=64", "nystrom:m=64", "mask:tokens=all",
+            "tome:r=40", "tome:r=48"} <= set(by)
+    assert all(r["task"] == "mmseg:synthetic-dinov2s-linear" and r["items"] == {"test": 48} for r in records)
+    assert by["exact"]["metrics"]["mIoU"] > 60
+    tome = [by[f"tome:r={r}"]["flops"]["total"] for r in (40, 48)]
+    assert tome == sorted(tome, reverse=True) and tome[0] < by["exact"]["flops"]["total"]
+    assert all(by[v]["flops"]["total"] < by["exact"]["flops"]["total"] for v in by if v.startswith(("fna", "nys")))
+    assert all(r["flops"]["input_shape"] == [1, 3, 448, 448] for r in records)
+    timed = [r for r in records if r["variant_short"] != "exact"]
+    assert all(r["timing"]["reference"]["variant"] == "exact:impl=sdpa" and len(r["timing"]["speedup_rounds"]) == 4
+               for r in timed)

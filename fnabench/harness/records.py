@@ -123,8 +123,8 @@ def environment(device: str = "cpu") -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "versions": {d: _version(d) for d in ("fnabench", "torch", "torchvision", "open_clip_torch", "timm",
-                                                  "transformers", "clip_benchmark", "mmsegmentation",
-                                                  "lmms_eval", "numpy") if _version(d)},
+                                                  "transformers", "clip_benchmark", "mmsegmentation", "mmcv",
+                                                  "mmcv-lite", "mmengine", "lmms_eval", "numpy") if _version(d)},
             "git_revision": _git_revision(),
         })
     env = dict(_ENV_CACHE)

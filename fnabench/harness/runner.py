@@ -293,9 +293,9 @@ class Runner:
     def _run_cell(self, cell, loaded, task, data, settings, started, t0, env) -> dict:
         variant = parse_variant(cell.variant)
         batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
-        timing, memory = self._time(cell, loaded, variant, batch, settings, _measured(task, loaded))
+        timing, memory = self._time(cell, loaded, variant, batch, settings, _measured(task, loaded, data))
         with patch(loaded.model, variant) as handle:
-            flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"), _measured(task, loaded))
+            flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"), _measured(task, loaded, data))
             torch.manual_seed(settings.seed)
             metrics = task.evaluate(loaded, data, settings)
             fallback = _fallback_layers(handle)
@@ -354,7 +354,7 @@ class Runner:
         """
         batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
         timing, memory = self._time(cell, loaded, parse_variant(cell.variant), batch, settings,
-                                    _measured(task, loaded))
+                                    _measured(task, loaded, data))
         timing = {**timing, "retimed": {"at": rec.now(), "environment": env}}
         return {**_items(task, data, old["metrics"]), **old, "timing": timing, "peak_memory_bytes": int(memory)}
 
@@ -421,11 +421,11 @@ def _fallback_layers(handle) -> dict | None:
             for tower, state in handle.states.items() if state.approximated}
 
 
-def _measured(task, loaded) -> tuple[str, Callable] | None:
+def _measured(task, loaded, data) -> tuple[str, Callable] | None:
     """What a cell's FLOPs, latency and memory measure when its task names it (``measures`` and
-    ``forward(loaded)``: a classifier's logits, head included); ``None``: the model's features."""
+    ``forward(loaded, data)``: a classifier's logits, a whole segmentor); ``None``: the model's features."""
     what = getattr(task, "measures", None)
-    return (what, task.forward(loaded)) if what else None
+    return (what, task.forward(loaded, data)) if what else None
 
 
 def _items(task, data, metrics) -> dict:

@@ -195,7 +195,7 @@ class ClassifyTask:
         head = prepared.samples[: settings.batch_size]
         return torch.stack([prepared.classifier.transform(s.image.open()) for s in head])
 
-    def forward(self, loaded: LoadedModel):
+    def forward(self, loaded: LoadedModel, prepared: Prepared | None = None):
         """What the runner measures for a cell: the classifier's logits (head included), not the features."""
         return loaded.extra["classifier"].logits
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..adapters.core import find_blocks
+from ..adapters.core import find_blocks, restore_tokens
 from ..adapters.loading import LoadedModel
 from .base import FLAG, Settings, TaskError, check_options, embed_all, positive_int
 from .images import offline_images
@@ -76,8 +76,9 @@ class FidelityTask:
         blocks = find_blocks(loaded.model, "image")
         captured: list[torch.Tensor] = []
 
-        def grab(_module, _args, output):
+        def grab(module, _args, output):
             out = output[0] if isinstance(output, tuple) else output
+            out = restore_tokens(module, out)  # a token flow's merged tokens back at every position
             captured.append(out.detach().float().cpu())
 
         hooks = [b.register_forward_hook(grab) for b in blocks]
