@@ -70,6 +70,13 @@ _ADAPTERS = (
 )
 
 
+def _host_adapters():
+    """The adapter modules whose host library is imported."""
+    import sys
+
+    return [importlib.import_module(module) for host, module in _ADAPTERS if host == "torch" or host in sys.modules]
+
+
 def _kinds() -> tuple[list[AttentionKind], list[str]]:
     """Attention kinds of every host library already imported, and labels of all that could be."""
     import sys
@@ -101,8 +108,9 @@ def _block_of(model: nn.Module, name: str) -> tuple[str, str, int, int]:
 
 
 def _tower_of(list_path: str) -> str:
-    root = list_path.split(".")[0]
-    return "text" if root in _TEXT_ROOTS else "image"
+    parts = list_path.split(".")
+    # a LLaVA-family model keeps its language model at model.language_model, beside the vision tower
+    return "text" if parts[0] in _TEXT_ROOTS or "language_model" in parts else "image"
 
 
 def _num_prefix(model: nn.Module, list_path: str, tower: str) -> int:
@@ -255,6 +263,9 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             site.module.__dict__["_fnabench_site"] = site
             handle._undo.append(lambda m=site.module: m.__dict__.pop("_fnabench_site", None))
             handle._undo.append(site.kind.install(site))
+        for adapter in _host_adapters():  # model-level hooks (a multimodal model marks its image tokens)
+            if hasattr(adapter, "install_owner"):
+                handle._undo.extend(adapter.install_owner(model, states))
     except Exception:
         handle.remove()
         raise

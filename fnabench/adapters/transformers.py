@@ -204,6 +204,36 @@ def kinds() -> list[AttentionKind]:
 
 
 
+def _image_token_id(config) -> int | None:
+    for key in ("image_token_id", "image_token_index"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def install_owner(model: nn.Module, states: dict) -> list:
+    """On a multimodal model whose language model is patched: a pre-hook on the module that receives
+    ``input_ids`` (LLaVA's ``model.model``) marks the image tokens of each forward in the text tower's state
+    (``guarantee=text``, FastV-style pruning). Returns the undo callables."""
+    state = states.get("text")
+    if state is None:
+        return []
+    undo = []
+    for module in model.modules():
+        token = _image_token_id(getattr(module, "config", None))
+        if token is None or not hasattr(module, "language_model") or type(module).__name__.endswith("Generation"):
+            continue
+
+        def hook(_module, args, kwargs, token=token):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            state.image_tokens = None if ids is None else ids == token
+
+        undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+    if undo:
+        undo.append(lambda: setattr(state, "image_tokens", None))
+    return undo
+
+
 # ---------------------------------------------------------------------------------------------
 # loading
 
