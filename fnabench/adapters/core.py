@@ -17,6 +17,8 @@ from torch import nn
 
 from .._errors import UserError
 from ..variants import ForwardState, Variant, parse_variant
+from ..variants.flow import make_flow
+from ..variants.variant import ATTENTION_RANGE
 
 #: attribute that marks a patched model and holds its handle (not a module: state dict unchanged)
 HANDLE_ATTR = "_fnabench_patch"
@@ -42,6 +44,8 @@ class Site:
     layer: int
     state: ForwardState
     variant: Variant
+    #: the block is an indexed member of a block list (not e.g. a pooling head's attention)
+    listed: bool = True
 
     def attend(self, q, k, v, *, scale=None, attn_mask=None, causal: bool = False) -> torch.Tensor:
         """Run the variant for this site's layer on [B, H, N, d] q, k, v (causally if ``causal``)."""
@@ -61,32 +65,69 @@ class AttentionKind:
     install: Callable[[Site], Callable[[], None]]
 
 
+@dataclass
+class BlockSite:
+    """One block of a tower under a token-flow variant: what its patched forward calls around attention."""
+
+    block: nn.Module
+    layer: int
+    state: ForwardState
+
+    def enter(self, x: torch.Tensor) -> None:
+        """Call first, with the block's input [B, N, C]."""
+        self.state.flow.enter(self.layer, x)
+
+    def between(self, x: torch.Tensor) -> torch.Tensor:
+        """Call on the residual stream after the attention branch, before the MLP branch."""
+        with torch.profiler.record_function(ATTENTION_RANGE):  # the flow's matching is its token-mixing cost
+            return self.state.flow.between(self.layer, x)
+
+
+@dataclass
+class BlockKind:
+    """How one host block class runs a token flow: ``install(site)`` patches ``site.block`` so it calls
+    ``site.enter`` and ``site.between`` (see variants/flow.py) and returns the undo."""
+
+    label: str
+    matches: Callable[[nn.Module], bool]
+    install: Callable[[BlockSite], Callable[[], None]]
+
+
 # host adapters, tried in order; each is imported only when its host library is already loaded
 _ADAPTERS = (
     ("open_clip", "fnabench.adapters.open_clip"),
     ("timm", "fnabench.adapters.timm"),
     ("transformers", "fnabench.adapters.transformers"),
+    ("mmseg", "fnabench.adapters.mmseg_patch"),
     ("torch", "fnabench.adapters.torch_mha"),
 )
 
 
-def _host_adapters():
-    """The adapter modules whose host library is imported."""
+def _loaded_adapters():
+    """(adapter module, whether its host library is loaded) for every adapter."""
     import sys
 
-    return [importlib.import_module(module) for host, module in _ADAPTERS if host == "torch" or host in sys.modules]
+    for host, module_name in _ADAPTERS:
+        yield importlib.import_module(module_name), host == "torch" or host in sys.modules
 
 
 def _kinds() -> tuple[list[AttentionKind], list[str]]:
     """Attention kinds of every host library already imported, and labels of all that could be."""
-    import sys
-
     kinds, labels = [], []
-    for host, module_name in _ADAPTERS:
-        adapter = importlib.import_module(module_name)
+    for adapter, loaded in _loaded_adapters():
         labels.extend(adapter.LOOKS_FOR)
-        if host == "torch" or host in sys.modules:
+        if loaded:
             kinds.extend(adapter.kinds())
+    return kinds, labels
+
+
+def _block_kinds() -> tuple[list[BlockKind], list[str]]:
+    """Block kinds (for token flows) of every host library already imported, and labels of all."""
+    kinds, labels = [], []
+    for adapter, loaded in _loaded_adapters():
+        labels.extend(getattr(adapter, "BLOCKS", []))
+        if loaded and hasattr(adapter, "block_kinds"):
+            kinds.extend(adapter.block_kinds())
     return kinds, labels
 
 
@@ -122,6 +163,8 @@ def _num_prefix(model: nn.Module, list_path: str, tower: str) -> int:
         owner = model.get_submodule(".".join(parts[:cut])) if cut else model
         if isinstance(getattr(owner, "num_prefix_tokens", None), int):  # timm
             return owner.num_prefix_tokens
+        if isinstance(getattr(owner, "cls_token", None), torch.Tensor):  # mmseg ViT/BEiT/MAE
+            return 0 if getattr(owner, "with_cls_token", True) is False else 1
         if getattr(owner, "class_embedding", None) is not None and isinstance(owner.class_embedding, torch.Tensor):
             return 1  # open_clip VisionTransformer
         emb = getattr(owner, "embeddings", None)
@@ -242,7 +285,7 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             states[tower] = ForwardState(tower=tower, num_layers=depth, num_prefix=prefix, only_tower=only)
         states[tower].causal |= bool(getattr(module, "is_causal", False)) and "decoder" in kind.label
         block = model.get_submodule(block_path) if block_path else model
-        sites.append(Site(name, module, kind, block, layer, states[tower], variant))
+        sites.append(Site(name, module, kind, block, layer, states[tower], variant, listed=block_path != list_path))
     if not sites:
         present = sorted({_tower_of(_block_of(model, n)[1]) for n, _, _ in found if n})
         raise UnsupportedModelError(
@@ -263,14 +306,65 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             site.module.__dict__["_fnabench_site"] = site
             handle._undo.append(lambda m=site.module: m.__dict__.pop("_fnabench_site", None))
             handle._undo.append(site.kind.install(site))
-        for adapter in _host_adapters():  # model-level hooks (a multimodal model marks its image tokens)
-            if hasattr(adapter, "install_owner"):
+        if variant.flow is not None:
+            _install_flow(model, variant, sites, states, handle)
+        for adapter, loaded in _loaded_adapters():  # model-level hooks (a multimodal model marks its image tokens)
+            if loaded and hasattr(adapter, "install_owner"):
                 handle._undo.extend(adapter.install_owner(model, states))
     except Exception:
         handle.remove()
         raise
     model.__dict__[HANDLE_ATTR] = handle
     return handle
+
+
+def _install_flow(model: nn.Module, variant: Variant, sites: list[Site], states: dict[str, ForwardState],
+                  handle: PatchHandle) -> None:
+    """Token flow: a flow state per tower, each block patched to call it, the last block's output restored."""
+    if any(state.causal for state in states.values()):
+        raise UnsupportedModelError(f"{variant.flow.name} merges tokens of vision towers; {type(model).__name__} is "
+                                    "a causal decoder; accepted: image encoders (timm, open_clip, transformers, mmseg)")
+    kinds, labels = _block_kinds()
+    for state in states.values():
+        state.flow = make_flow(variant.flow, state.num_layers, state.num_prefix)
+        handle._undo.append(lambda s=state: setattr(s, "flow", None))
+    blocks: dict[int, Site] = {}
+    for site in sites:
+        if site.listed:  # a pooling head's attention after the blocks keeps its own forward
+            blocks.setdefault(id(site.block), site)
+    for site in blocks.values():
+        kind = next((k for k in kinds if k.matches(site.block)), None)
+        if kind is None:
+            raise UnsupportedModelError(f"{variant.flow.name} patches whole blocks, and {type(site.block).__name__} "
+                                        f"(holding {site.name}) is not one fnabench knows; "
+                                        f"accepted: {', '.join(labels)}")
+        block_site = BlockSite(site.block, site.layer, site.state)
+        site.block.__dict__["_fnabench_flow"] = site.state
+        handle._undo.append(lambda b=site.block: b.__dict__.pop("_fnabench_flow", None))
+        handle._undo.append(kind.install(block_site))
+        if site.layer == site.state.num_layers - 1:  # the tower's end: every input position gets its token back
+            hook = site.block.register_forward_hook(_finish_hook(site.state))
+            handle._undo.append(hook.remove)
+    for adapter, loaded in _loaded_adapters():
+        if loaded and hasattr(adapter, "install_flow_owner"):
+            handle._undo.extend(adapter.install_flow_owner(model))
+
+
+def _finish_hook(state: ForwardState):
+    def hook(_module, _args, output):
+        if isinstance(output, tuple):
+            return (state.flow.finish(output[0]), *output[1:])
+        return state.flow.finish(output)
+
+    return hook
+
+
+def restore_tokens(block: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """A block's output [B, N', C] at every input position, where a token flow reduced it (else unchanged).
+
+    For readers of intermediate blocks (dense heads tapping several blocks)."""
+    state = block.__dict__.get("_fnabench_flow")
+    return output if state is None or state.flow is None else state.flow.restore(output)
 
 
 def install_forward(module: nn.Module, forward: Callable) -> Callable[[], None]:

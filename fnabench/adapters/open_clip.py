@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._extras import require
-from .core import AttentionKind, Site, additive_mask, install_forward, merge_heads, split_heads
+from .core import AttentionKind, BlockKind, BlockSite, Site, additive_mask, install_forward, merge_heads, split_heads
 from .loading import LoadedModel, ModelInputError, describe_load_failure, make_preprocess, split_tag
 
 LOOKS_FOR = ["open_clip.transformer.Attention"]
+BLOCKS = ["open_clip.transformer.ResidualAttentionBlock"]
 
 
 def _project(attn: nn.Module, x: torch.Tensor):
@@ -62,6 +63,32 @@ def kinds() -> list[AttentionKind]:
     Attention = require("open_clip.transformer").Attention
 
     return [AttentionKind("open_clip.transformer.Attention", lambda m: isinstance(m, Attention), _install)]
+
+
+def _install_block(site: BlockSite):
+    blk = site.block
+    original = type(blk).forward.__get__(blk)
+    attn = getattr(blk, "attn", None)
+    seq_first = isinstance(attn, nn.MultiheadAttention) and not attn.batch_first
+
+    def forward(q_x, k_x=None, v_x=None, attn_mask=None):
+        if k_x is not None or v_x is not None:
+            return original(q_x, k_x, v_x, attn_mask=attn_mask)  # cross-attention blocks keep their tokens
+        site.enter(q_x.transpose(0, 1) if seq_first else q_x)
+        x = q_x + blk.ls_1(blk.attention(q_x=blk.ln_1(q_x), attn_mask=attn_mask))
+        x = site.between(x.transpose(0, 1)).transpose(0, 1) if seq_first else site.between(x)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    return install_forward(blk, forward)
+
+
+def block_kinds() -> list[BlockKind]:
+    Block = require("open_clip.transformer").ResidualAttentionBlock
+
+    def matches(m) -> bool:
+        return isinstance(m, Block) and type(m).forward is Block.forward
+
+    return [BlockKind("open_clip.transformer.ResidualAttentionBlock", matches, _install_block)]
 
 
 # ---------------------------------------------------------------------------------------------

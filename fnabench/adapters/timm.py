@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._extras import require
-from .core import AttentionKind, Site, install_forward, merge_heads
+from .core import AttentionKind, BlockKind, BlockSite, Site, install_forward, merge_heads
 from .loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,6 +21,7 @@ from .loading import (
 )
 
 LOOKS_FOR = ["timm.layers.Attention"]
+BLOCKS = ["timm.models.vision_transformer.Block"]
 
 
 def _install(site: Site):
@@ -50,6 +51,28 @@ def kinds() -> list[AttentionKind]:
         return isinstance(m, Attention) and type(m).forward is Attention.forward
 
     return [AttentionKind("timm.layers.Attention", matches, _install)]
+
+
+def _install_block(site: BlockSite):
+    blk = site.block
+
+    def forward(x, attn_mask=None, is_causal=False):
+        site.enter(x)
+        kwargs = {"attn_mask": attn_mask} if attn_mask is not None else {}
+        x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), **kwargs)))
+        x = site.between(x)
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+    return install_forward(blk, forward)
+
+
+def block_kinds() -> list[BlockKind]:
+    Block = require("timm.models.vision_transformer").Block
+
+    def matches(m) -> bool:
+        return isinstance(m, Block) and type(m).forward is Block.forward
+
+    return [BlockKind("timm.models.vision_transformer.Block", matches, _install_block)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,15 @@ def _project(mha: nn.MultiheadAttention, x: torch.Tensor):
     return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tensor, or identical views of one (mmcv's wrapper transposes query, key and value separately)."""
+    if a is b:
+        return True
+    root_a, root_b = a._base if a._base is not None else a, b._base if b._base is not None else b
+    return (root_a is root_b and a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset())
+
+
 def _install(site: Site):
     mha: nn.MultiheadAttention = site.module  # type: ignore[assignment]
     if mha.bias_k is not None or mha.add_zero_attn:
@@ -34,7 +43,7 @@ def _install(site: Site):
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not (query is key and key is value):
+        if not (_same(query, key) and _same(key, value)):
             return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                             attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                             is_causal=is_causal)

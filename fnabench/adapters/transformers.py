@@ -25,7 +25,7 @@ from torch import nn
 from .._errors import UserError
 from .._extras import require
 from ..variants.variant import ATTENTION_RANGE
-from .core import AttentionKind, Site, install_forward, merge_heads, split_heads
+from .core import AttentionKind, BlockKind, BlockSite, Site, install_forward, merge_heads, split_heads
 from .kv_cache import compress_layer
 from .loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, describe_load_failure, make_preprocess
 
@@ -38,6 +38,13 @@ DECODER_CLASSES = ("GPT2Attention", "LlamaAttention", "MistralAttention", "Qwen2
                    "OlmoAttention", "Olmo2Attention")
 CLASSES = ENCODER_CLASSES + DECODER_CLASSES
 LOOKS_FOR = [f"transformers {name}" for name in (*CLASSES[:3], *DECODER_CLASSES)]
+#: encoder layers a token flow patches: (norm before attention, attention, norm before MLP, MLP) by name;
+#: DINOv2's layers also scale each branch (layer_scale1/2) and drop paths
+ENCODER_LAYERS = {"CLIPEncoderLayer": ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
+                  "SiglipEncoderLayer": ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
+                  "Dinov2Layer": ("norm1", "attention", "norm2", "mlp"),
+                  "Dinov2WithRegistersLayer": ("norm1", "attention", "norm2", "mlp")}
+BLOCKS = [f"transformers {name}" for name in ENCODER_LAYERS]
 
 
 class PaddingMaskError(UserError, ValueError):
@@ -202,6 +209,38 @@ def kinds() -> list[AttentionKind]:
     return [AttentionKind("transformers decoder attention", matches_decoder, _install),
             AttentionKind("transformers attention", matches, _install)]
 
+
+
+def _install_block(site: BlockSite):
+    layer = site.block
+    norm1, attn, norm2, mlp = (getattr(layer, n) for n in ENCODER_LAYERS[type(layer).__name__])
+    scale1, scale2 = (getattr(layer, n, nn.Identity()) for n in ("layer_scale1", "layer_scale2"))
+    drop = getattr(layer, "drop_path", nn.Identity())
+    old_api = "output_attentions" in inspect.signature(type(layer).forward).parameters  # transformers 4.x: tuples
+
+    def forward(hidden_states, *args, **kwargs):
+        site.enter(hidden_states)
+        if old_api:  # 4.x: (hidden_states, attention_mask[, causal_attention_mask], output_attentions)
+            kwargs.pop("output_attentions", None)
+        mask = kwargs.pop("attention_mask", args[0] if args else None)
+        if type(layer).__name__.startswith("Dinov2") and old_api:
+            out = attn(norm1(hidden_states))
+        else:
+            out = attn(norm1(hidden_states), attention_mask=mask)
+        out = out[0] if isinstance(out, tuple) else out
+        x = site.between(hidden_states + drop(scale1(out)))
+        x = x + drop(scale2(mlp(norm2(x))))
+        return (x,) if old_api else x
+
+    return install_forward(layer, forward)
+
+
+def block_kinds() -> list[BlockKind]:
+    def matches(m) -> bool:
+        cls = type(m)
+        return cls.__name__ in ENCODER_LAYERS and cls.__module__.startswith("transformers.")
+
+    return [BlockKind("transformers encoder layer", matches, _install_block)]
 
 
 def _image_token_id(config) -> int | None:

@@ -109,6 +109,10 @@ TASKS.register("lmms", "fnabench.tasks.lmms:make_task",
                "lmms:<task> — an lmms-eval task through simple_evaluate (fnabench's own: fnabench_shapes_vqa)")
 TASKS.register("clip_benchmark", "fnabench.tasks.clip_benchmark:make_task",
                "clip_benchmark:<dataset>|shapes — CLIP_benchmark zero-shot retrieval/classification (dataset_root)")
+TASKS.register("mmseg", "fnabench.tasks.mmseg_task:make_task",
+               "mmseg:<config> — mmsegmentation's test loop (aAcc, mIoU, mAcc); checkpoint, data_root, work_dir")
+MODELS.register("mmseg", "fnabench.tasks.mmseg_task:load_model",
+                "mmseg:<config> — the segmentor an mmseg config builds (weights: the mmseg task's checkpoint)")
 
 # Named presets: a short name for a full spec (paper settings), usable in sweep configs and on the CLI.
 VARIANTS.register("paper-clip-l14-m64", lambda: "fna:m=64,layers=-11:,pinv=newton",

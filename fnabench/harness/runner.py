@@ -231,9 +231,10 @@ class Runner:
     def _run_cell(self, cell, loaded, task, data, settings, started, t0, env) -> dict:
         variant = parse_variant(cell.variant)
         batch = _on_device(task.example_batch(data, settings), settings)
-        timing, memory = self._time(cell, loaded, variant, batch, settings)
+        forward = _forward(task, loaded, data)
+        timing, memory = self._time(cell, loaded, variant, batch, settings, forward)
         with patch(loaded.model, variant) as handle:
-            flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"))
+            flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"), forward)
             torch.manual_seed(settings.seed)
             metrics = task.evaluate(loaded, data, settings)
             fallback = _fallback_layers(handle)
@@ -250,10 +251,10 @@ class Runner:
         record["duration_s"] = round(time.perf_counter() - t0, 3)
         return record
 
-    def _count(self, cell: rec.Cell, loaded, one: torch.Tensor, per: str = "image") -> dict:
-        key = (cell.model, cell.variant, tuple(one.shape), str(one.dtype))
+    def _count(self, cell: rec.Cell, loaded, one: torch.Tensor, per: str = "image", forward=None) -> dict:
+        key = (cell.model, cell.variant, tuple(one.shape), str(one.dtype), forward and cell.task)
         if key not in self._flops:
-            counted = count_flops(loaded.embed, one)
+            counted = count_flops(forward or loaded.embed, one)
             self._flops[key] = {"total": counted.total, "attention": counted.attention,
                                 "gflops": counted.total / 1e9, "attention_gflops": counted.attention / 1e9,
                                 "input_shape": list(one.shape), "per": per}
@@ -286,26 +287,29 @@ class Runner:
         prepared data its metrics came from (the split is seeded, so it is the same data).
         """
         batch = _on_device(task.example_batch(data, settings), settings)
-        timing, memory = self._time(cell, loaded, parse_variant(cell.variant), batch, settings)
+        timing, memory = self._time(cell, loaded, parse_variant(cell.variant), batch, settings,
+                                    _forward(task, loaded, data))
         timing = {**timing, "retimed": {"at": rec.now(), "environment": env}}
         return {**_items(task, data, old["metrics"]), **old, "timing": timing, "peak_memory_bytes": int(memory)}
 
     def _time(self, cell: rec.Cell, loaded, variant: Variant, batch: torch.Tensor,
-              settings: Settings) -> tuple[dict, int]:
-        """Latency and peak memory of one batch, once per (model, variant, batch shape): tasks share it.
+              settings: Settings, forward=None) -> tuple[dict, int]:
+        """Latency and peak memory of one batch, once per (model, variant, batch shape): tasks share it
+        (a task with its own ``forward``, e.g. a segmentor around the model, is timed on its own).
 
         Timed in alternating rounds with exact attention on the same batch (unless the cell is the
         exact reference itself); the record keeps both and their ratio as ``timing.speedup``.
         """
-        key = (cell.model, cell.variant, tuple(batch.shape), str(batch.dtype))
+        key = (cell.model, cell.variant, tuple(batch.shape), str(batch.dtype), forward and cell.task)
         if key in self._timings:
             return self._timings[key]
+        call = forward or loaded.embed
 
         def entry(spec: Variant) -> Callable[[], contextlib.AbstractContextManager]:
             @contextlib.contextmanager
             def patched() -> Iterator[Callable[[], object]]:
                 with patch(loaded.model, spec):
-                    yield lambda: loaded.embed(batch)
+                    yield lambda: call(batch)
 
             return patched
 
@@ -315,7 +319,7 @@ class Runner:
                                    warmup=self.config.timing_warmup, repeats=self.config.timing_repeats,
                                    device=settings.device)
         with patch(loaded.model, variant):
-            memory = peak_memory(lambda: loaded.embed(batch), device=settings.device)
+            memory = peak_memory(lambda: call(batch), device=settings.device)
         n = int(batch.shape[0])
         timing = {**lats[0].as_dict(), "batch_size": n, "images_per_s": lats[0].throughput(n)}
         if paired:
@@ -332,6 +336,11 @@ class Runner:
         if record["status"] != "ok":
             self.log(f"cell failed: {record['model']} | {record['variant_short']} | {record['task']}: "
                      f"{record['error']}")
+
+
+def _forward(task, loaded, data):
+    """The callable a task measures FLOPs and latency on, where it is not the model's ``embed``."""
+    return task.forward(loaded, data) if hasattr(task, "forward") else None
 
 
 #: decoding steps timed on a prefill's KV cache (the first two are warm-up)

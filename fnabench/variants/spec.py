@@ -218,13 +218,24 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "layers": _LAYERS,
         "tower": _TOWER,
     },
+    # Token flow (variants/flow.py): ToMe merges r tokens after the attention of each block in `layers`
+    # (bipartite soft matching on the keys), tracks token sizes, and lets attention weigh a merged token by
+    # its size (prop_attn); at the tower's end merged tokens are copied back to every position they absorbed.
+    "tome": {
+        "r": Param(_parse_int, 8, "an integer >= 0", lambda v: v >= 0),
+        "layers": _LAYERS,
+        "tower": _choice("image"),
+        "prop_attn": Param(_parse_bool, True, "true | false"),
+    },
 }
 
 #: keys the short form shows even at their default, because they define the row
-_ALWAYS_SHOWN = {"m"}
+_ALWAYS_SHOWN = {"m", "r"}
 
 CORES = ("exact", "fna", "nystrom", "null")
 MODIFIERS = ("mask",)
+#: token-flow components: they change how many tokens flow through later blocks (patched at block level)
+FLOWS = ("tome",)
 
 
 @dataclass(frozen=True)
@@ -306,12 +317,28 @@ def parse_component(text: str, spec: str) -> Component:
 
 
 def parse_components(spec: str) -> tuple[Component, Component | None]:
-    """Split a full spec into its attention core and optional mask; check how they combine."""
+    """Split a full spec into its attention core and optional mask; check how they combine.
+
+    A token-flow component is not returned here (see :func:`parse_flow`)."""
+    return _parse_all(spec)[:2]
+
+
+def parse_flow(spec: str) -> tuple[Component, Component | None, Component | None]:
+    """Core, optional mask and optional token-flow component of a spec."""
+    return _parse_all(spec)
+
+
+def _parse_all(spec: str) -> tuple[Component, Component | None, Component | None]:
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"empty variant spec {spec!r}; example: 'fna:m=64,layers=-6:+mask'")
     parts = [parse_component(p, spec) for p in spec.split("+")]
     cores = [p for p in parts if p.name in CORES]
     mods = [p for p in parts if p.name in MODIFIERS]
+    flows = [p for p in parts if p.name in FLOWS]
+    if flows and (len(flows) > 1 or mods or any(c.name != "exact" for c in cores)):
+        others = [p.name for p in parts if p is not flows[0]]
+        raise SpecError(f"{spec!r}: token flow ({flows[0].name}) runs with exact attention only, not with "
+                        f"{', '.join(others)}; accepted: one of {', '.join(FLOWS)}, alone or with exact")
     if len(cores) > 1:
         raise SpecError(
             f"{spec!r} names {len(cores)} attention cores ({', '.join(c.name for c in cores)}); "
@@ -331,4 +358,4 @@ def parse_components(spec: str) -> tuple[Component, Component | None]:
             f"{spec!r}: mask massive_ratio must exceed artifact_ratio "
             f"(got {mask['massive_ratio']:g} <= {mask['artifact_ratio']:g})"
         )
-    return core, mask
+    return core, mask, (flows[0] if flows else None)

@@ -8,6 +8,7 @@ FNA, Nyström or null, and whether masking applies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from .exact import exact_attention, sdpa_attention
 from .fna import fna_attention
 from .mask import choose, detect_tokens, key_keep_mask, zero_values
 from .nystrom import segment_mean_attention
-from .spec import Component, SpecError, parse_components
+from .spec import Component, SpecError, parse_flow
 
 #: profiler range around every variant call; fnabench/measure.py counts FLOPs inside it as attention
 ATTENTION_RANGE = "fnabench::attention"
@@ -54,6 +55,8 @@ class ForwardState:
     #: a multimodal language model's sequence: bool [N], True at image tokens (set by the adapter per forward;
     #: what ``guarantee=text`` keeps)
     image_tokens: torch.Tensor | None = None
+    #: a token-flow variant's per-forward state (variants/flow.py), set by the patch; None otherwise
+    flow: Any = None
 
     def begin_layer(self, layer: int, residual: torch.Tensor | None) -> None:
         """Called as block ``layer`` starts; block 0 starts a new forward and clears the caches."""
@@ -76,26 +79,30 @@ def _applies(component: Component | None, state: ForwardState) -> bool:
 
 @dataclass(frozen=True)
 class Variant:
-    """An attention variant: one core (exact, fna, nystrom, null) plus an optional mask."""
+    """An attention variant: one core (exact, fna, nystrom, null) plus an optional mask, or a token-flow
+    component (``tome``) that changes how many tokens flow through the blocks (with exact attention)."""
 
     core: Component
     mask: Component | None = None
+    flow: Component | None = None
+
+    def _parts(self) -> list[Component]:
+        return [c for c in (self.core, self.mask, self.flow) if c is not None]
 
     @property
     def canonical(self) -> str:
         """The identity string: defaults filled, keys sorted, core first."""
-        parts = [self.core.canonical] + ([self.mask.canonical] if self.mask else [])
-        return "+".join(parts)
+        return "+".join(c.canonical for c in self._parts())
 
     @property
     def short(self) -> str:
         """Compact display form: only keys that differ from their defaults."""
-        parts = [self.core.short] + ([self.mask.short] if self.mask else [])
+        parts = [c.short for c in self._parts()]
         return "+".join(p for p in parts if p != "exact" or len(parts) == 1)
 
     @property
     def is_exact(self) -> bool:
-        return self.core.name == "exact" and self.mask is None
+        return self.core.name == "exact" and self.mask is None and self.flow is None
 
     def for_causal(self) -> Variant:
         """This variant as it runs on causal attention: an unnamed ``landmarks`` becomes ``stride`` and an
@@ -127,8 +134,7 @@ class Variant:
     def towers(self) -> set[str]:
         """Towers the variant changes ('image', 'text'); exact touches the image tower by default."""
         # exact's tower counts only where the spec names it: "exact+mask:tower=text" is the text tower alone
-        names = {c["tower"] for c in (self.core, self.mask) if c is not None and "tower" in c.values
-                 and (c.name != "exact" or "tower" in c.given)}
+        names = {c["tower"] for c in self._parts() if "tower" in c.values and (c.name != "exact" or "tower" in c.given)}
         names = names or {"image"}
         return {"image", "text"} if "all" in names else names
 
@@ -138,8 +144,8 @@ class Variant:
         ``depths`` maps each patched tower to its number of blocks. Without this check,
         ``fna:layers=50`` on a 6-block model would run exact attention and report a perfect score.
         """
-        for component in (self.core, self.mask):
-            if component is None or "layers" not in component.values:
+        for component in self._parts():
+            if "layers" not in component.values:
                 continue
             towers = {t: n for t, n in depths.items() if component["tower"] in ("all", t)}
             if towers and not any(component["layers"].resolve(n) for n in towers.values()):
@@ -228,6 +234,8 @@ class Variant:
         return idx
 
     def _attend(self, q, k, v, state: ForwardState, scale, attn_mask) -> torch.Tensor:
+        if state.flow is not None:  # token flow: keys for its matching, and proportional attention
+            attn_mask = state.flow.attention(q, k, attn_mask)
         key_masked = None
         if _applies(self.mask, state):
             key_masked, v = self._apply_mask(v, state)
@@ -362,8 +370,8 @@ def parse_variant(spec: str | Variant) -> Variant:
     """Parse a spec such as ``'fna:m=64,layers=-6:+mask:tokens=artifact'`` into a :class:`Variant`."""
     if isinstance(spec, Variant):
         return spec
-    core, mask = parse_components(spec)
-    return Variant(core, mask)
+    core, mask, flow = parse_flow(spec)
+    return Variant(core, mask, flow)
 
 
 __all__ = ["ForwardState", "SpecError", "Variant", "parse_variant"]
