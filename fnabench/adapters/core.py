@@ -17,7 +17,7 @@ from torch import nn
 
 from .._errors import UserError
 from ..variants import ForwardState, Variant, parse_variant
-from ..variants.flow import make_flow
+from ..variants.flow import flow_class, make_flow
 from ..variants.variant import ATTENTION_RANGE
 
 #: attribute that marks a patched model and holds its handle (not a module: state dict unchanged)
@@ -321,12 +321,17 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
 def _install_flow(model: nn.Module, variant: Variant, sites: list[Site], states: dict[str, ForwardState],
                   handle: PatchHandle) -> None:
     """Token flow: a flow state per tower, each block patched to call it, the last block's output restored."""
-    if any(state.causal for state in states.values()):
-        raise UnsupportedModelError(f"{variant.flow.name} merges tokens of vision towers; {type(model).__name__} is "
-                                    "a causal decoder; accepted: image encoders (timm, open_clip, transformers, mmseg)")
+    cls = flow_class(variant.flow.name)
+    for tower, state in states.items():
+        if state.causal != cls.causal:
+            where = ("a multimodal model's language model (tower=text)" if cls.causal else
+                     "image encoders (timm, open_clip, transformers, mmseg)")
+            raise UnsupportedModelError(f"{variant.flow.name} runs in {'causal decoders' if cls.causal else 'encoders'}, "
+                                        f"and the {tower} tower of {type(model).__name__} is "
+                                        f"{'a causal decoder' if state.causal else 'an encoder'}; accepted: {where}")
     kinds, labels = _block_kinds()
     for state in states.values():
-        state.flow = make_flow(variant.flow, state.num_layers, state.num_prefix)
+        state.flow = make_flow(variant.flow, state.num_layers, state.num_prefix, state)
         handle._undo.append(lambda s=state: setattr(s, "flow", None))
     blocks: dict[int, Site] = {}
     for site in sites:

@@ -51,7 +51,7 @@ def place(spec: str | Variant, placement: str | None) -> Variant:
         raise PlacementError(f"unknown placement {placement!r}; accepted: {', '.join(PLACEMENTS)}")
     tower = PLACEMENTS[placement]
     parts = []
-    for component in (variant.core, variant.mask):
+    for component in (variant.core, variant.mask, variant.flow):
         if component is None or "tower" not in component.values:
             parts.append(component)
             continue
@@ -115,7 +115,8 @@ def _reduces_visual_tokens(model) -> bool:
     handle = model.__dict__.get("_fnabench_patch")
     if handle is None or not handle.active:
         return False
-    return any(getattr(getattr(state, "flow", None), "reduces_output", False) for state in handle.states.values())
+    state = handle.states.get("image")  # a token flow in the vision tower may hand over fewer features
+    return state is not None and state.flow is not None
 
 
 def model_inputs(model, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -112,6 +112,10 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
+def _parse_int_or_auto(text: str) -> int | None:
+    return None if text == "auto" else int(text)
+
+
 def _parse_float_or_auto(text: str) -> float | None:
     return None if text == "auto" else float(text)
 
@@ -227,15 +231,32 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "tower": _choice("image"),
         "prop_attn": Param(_parse_bool, True, "true | false"),
     },
+    # VisionZip-style (variants/visionzip.py): at block `layers` of a vision tower keep `tokens` patch tokens,
+    # the dominant ones by CLS attention plus `contextual` merged ones (auto: about a sixth of `tokens`)
+    "visionzip": {
+        "tokens": Param(_parse_int, 64, "an integer >= 1", lambda v: v >= 1),
+        "contextual": Param(_parse_int_or_auto, None, "'auto' or an integer >= 0", lambda v: v is None or v >= 0),
+        "layers": Param(_parse_slice, LayerSlice(-2, None, single=True), "one block index such as -2",
+                        lambda v: v.single),
+        "tower": _choice("image"),
+    },
+    # FastV-style (variants/fastv.py): in a multimodal model's language model, after the attention of block
+    # `layers`, keep the `tokens` image tokens that receive most attention, and every text token
+    "fastv": {
+        "tokens": Param(_parse_int, 64, "an integer >= 0", lambda v: v >= 0),
+        "layers": Param(_parse_slice, LayerSlice(2, None, single=True), "one block index such as 2",
+                        lambda v: v.single),
+        "tower": _choice("text"),
+    },
 }
 
 #: keys the short form shows even at their default, because they define the row
-_ALWAYS_SHOWN = {"m", "r"}
+_ALWAYS_SHOWN = {"m", "r", "tokens"}
 
 CORES = ("exact", "fna", "nystrom", "null")
 MODIFIERS = ("mask",)
 #: token-flow components: they change how many tokens flow through later blocks (patched at block level)
-FLOWS = ("tome",)
+FLOWS = ("tome", "visionzip", "fastv")
 
 
 @dataclass(frozen=True)

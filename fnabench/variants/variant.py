@@ -187,6 +187,8 @@ class Variant:
     def _attend_causal(self, q, k, v, state: ForwardState, scale) -> torch.Tensor:
         """Causal attention (variants/causal.py for the approximations); future tokens never matter."""
         variant = self.for_causal()
+        if state.flow is not None:  # token flow in a decoder (FastV-style): it reads q and k; no mask to change
+            state.flow.attention(q, k, None)
         key_masked = None
         if _applies(variant.mask, state):
             key_masked, v = variant._apply_mask(v, state, causal=True)
