@@ -324,11 +324,11 @@ def _install_flow(model: nn.Module, variant: Variant, sites: list[Site], states:
     cls = flow_class(variant.flow.name)
     for tower, state in states.items():
         if state.causal != cls.causal:
-            where = ("a multimodal model's language model (tower=text)" if cls.causal else
-                     "image encoders (timm, open_clip, transformers, mmseg)")
-            raise UnsupportedModelError(f"{variant.flow.name} runs in {'causal decoders' if cls.causal else 'encoders'}, "
-                                        f"and the {tower} tower of {type(model).__name__} is "
-                                        f"{'a causal decoder' if state.causal else 'an encoder'}; accepted: {where}")
+            runs, where = (("causal decoders", "a multimodal model's language model (tower=text)") if cls.causal else
+                           ("encoders", "image encoders (timm, open_clip, transformers, mmseg)"))
+            kind = "a causal decoder" if state.causal else "an encoder"
+            raise UnsupportedModelError(f"{variant.flow.name} runs in {runs}, and the {tower} tower of "
+                                        f"{type(model).__name__} is {kind}; accepted: {where}")
     kinds, labels = _block_kinds()
     for state in states.values():
         state.flow = make_flow(variant.flow, state.num_layers, state.num_prefix, state)
