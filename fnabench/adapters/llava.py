@@ -131,7 +131,11 @@ def model_inputs(model, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
            for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     if "pixel_values" not in out or not _reduces_visual_tokens(model):
         return out
-    kwargs = {"image_sizes": out["image_sizes"]} if "image_sizes" in out else {}
+    if "image_sizes" in out or not hasattr(model.model, "vision_tower"):
+        raise UserError(f"a token flow in the vision tower hands {type(model).__name__} fewer image features than "
+                        "its tiles fill (LLaVA-NeXT re-assembles tiles into a grid); accepted there: attention "
+                        "variants in the vision tower, fastv in the language model")
+    kwargs: dict[str, Any] = {}
     encoded = model.model.get_image_features(pixel_values=out.pop("pixel_values"), return_dict=True, **kwargs)
     out.pop("image_sizes", None)
     features = list(encoded.pooler_output)

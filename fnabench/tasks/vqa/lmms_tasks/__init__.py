@@ -15,7 +15,3 @@ def write_data(path: Path = DATA) -> Path:
 
     path.write_text("".join(json.dumps(doc, sort_keys=True) + "\n" for doc in test_docs()))
     return path
-
-
-if __name__ == "__main__":
-    print(FOLDER)
