@@ -175,3 +175,28 @@ def test_token_flows_refuse_the_wrong_kind_of_tower(tiny):
     with pytest.raises(ValueError, match="fastv prunes image tokens"), fnabench.patch(
             model, "fastv:tokens=4,layers=1"), torch.no_grad():  # the language model called on its own
         model.model.language_model(inputs_embeds=torch.randn(1, 12, TINY.hidden))
+
+
+def test_qwen2_vl_language_model_takes_causal_variants():
+    """Qwen2-VL-style models: the language model dispatches through AttentionInterface, so tower=text works."""
+    import transformers as tr
+
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4],
+                                                        "rope_theta": 10000.0})
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2)
+    torch.manual_seed(0)
+    model = tr.Qwen2VLForConditionalGeneration(tr.Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=60, video_token_id=61, vision_start_token_id=62,
+        bos_token_id=1, eos_token_id=2)).eval()
+    ids = torch.randint(0, 59, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with fnabench.patch(model, llava.place("exact", "language")) as handle:
+            assert len(handle.sites) == 2 and (model(input_ids=ids).logits - ref).abs().max() < 1e-5
+        with fnabench.patch(model, llava.place("fna:m=6", "language")):
+            out = model(input_ids=ids).logits
+            later = ids.clone()
+            later[:, 12:] = 3
+            assert (model(input_ids=later).logits[:, :12] - out[:, :12]).abs().max() < 1e-5
+            assert (out - ref).abs().max() > 1e-4

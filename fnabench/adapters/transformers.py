@@ -35,7 +35,9 @@ ROUTE = "auto"
 ENCODER_CLASSES = ("CLIPAttention", "SiglipAttention", "Dinov2Attention", "Dinov2SelfAttention",
                    "Dinov2WithRegistersAttention", "Dinov2WithRegistersSelfAttention")
 DECODER_CLASSES = ("GPT2Attention", "LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
-                   "OlmoAttention", "Olmo2Attention")
+                   "OlmoAttention", "Olmo2Attention",
+                   # Qwen2-VL's language model (multimodal rotary positions applied before the dispatch)
+                   "Qwen2VLAttention", "Qwen2_5_VLAttention")
 CLASSES = ENCODER_CLASSES + DECODER_CLASSES
 LOOKS_FOR = [f"transformers {name}" for name in (*CLASSES[:3], *DECODER_CLASSES)]
 #: encoder layers a token flow patches: (norm before attention, attention, norm before MLP, MLP) by name;

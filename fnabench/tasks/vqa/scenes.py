@@ -4,10 +4,10 @@ Every scene holds 1–4 objects, each in its own quadrant, with distinct shapes 
 each question below has exactly one answer. Four question types, each with four balanced answers
 (chance is 25 %):
 
-- colour:   "what colour is the triangle?"      → red | green | blue | yellow
-- shape:    "what shape is the blue object?"    → circle | square | triangle | cross
-- position: "where is the circle?"              → top left | top right | bottom left | bottom right
-- count:    "how many objects are there?"       → one | two | three | four
+- colour:   "what colour is the object in the top left?"   → red | green | blue | yellow
+- shape:    "what shape is the object in the bottom right?" → circle | square | triangle | cross
+- position: "where is the blue object?"                     → top left | top right | bottom left | bottom right
+- count:    "how many objects are there?"                   → one | two | three | four
 
 Answering needs every patch token: which quadrant holds what is spread over the image, and the
 count needs all four quadrants. Seeded (``numpy.random.default_rng``), so a split is the same
@@ -23,8 +23,10 @@ from PIL import Image, ImageDraw
 
 from ..shapes import _polygon
 
-#: bump when drawing or questions change: cached features, checkpoints and task files depend on it
-VERSION = 1
+#: bump when the scenes or their drawing change (cached image features depend on it)
+DRAW_VERSION = 1
+#: bump when drawing or questions change (checkpoints and the task file depend on it)
+VERSION = 2
 COLOURS = {"red": (215, 35, 35), "green": (40, 170, 60), "blue": (35, 75, 225), "yellow": (240, 210, 35)}
 SHAPES = ("circle", "square", "triangle", "cross")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
@@ -81,9 +83,9 @@ class Scene:
         """Every question this scene answers: colour, shape and position of each object, and the count."""
         out = []
         for t in self.things:
-            out.append(Question(f"what colour is the {t.shape}?", t.colour, "colour"))
-            out.append(Question(f"what shape is the {t.colour} object?", t.shape, "shape"))
-            out.append(Question(f"where is the {t.shape}?", t.quadrant, "position"))
+            out.append(Question(f"what colour is the object in the {t.quadrant}?", t.colour, "colour"))
+            out.append(Question(f"what shape is the object in the {t.quadrant}?", t.shape, "shape"))
+            out.append(Question(f"where is the {t.colour} object?", t.quadrant, "position"))
         out.append(Question("how many objects are there?", COUNTS[len(self.things) - 1], "count"))
         return out
 
@@ -111,7 +113,7 @@ def make_scene(rng: np.random.Generator, count: int | None = None) -> Scene:
 
 def scenes(n: int, seed: int) -> list[Scene]:
     """``n`` scenes from ``seed``; object counts cycle 1, 2, 3, 4 so counts are balanced."""
-    rng = np.random.default_rng([VERSION, seed])
+    rng = np.random.default_rng([DRAW_VERSION, seed])
     return [make_scene(rng, count=1 + i % 4) for i in range(n)]
 
 
@@ -121,7 +123,7 @@ def balanced_questions(items: list[Scene], per_kind: int, seed: int) -> list[tup
     Scenes are visited in a seeded order; a question is taken while its answer is among the least used
     so far for its kind, so each answer gets a quarter of each kind (give enough scenes).
     """
-    rng = np.random.default_rng([VERSION, seed, 1])
+    rng = np.random.default_rng([DRAW_VERSION, seed, 1])
     order = [int(i) for i in rng.permutation(len(items))]
     picked: list[tuple[int, Question]] = []
     for kind in KINDS:

@@ -198,7 +198,7 @@ def _features(config: TrainConfig, split: str, seed: int, model, processor, item
     on the scenes, the image size and the feature layer only, not on how the rest is trained)."""
     arch = config.arch
     path = (cache_root() / "vqa" / "features" /
-            f"v{sc.VERSION}-px{arch.image_size}-layer{arch.feature_layer}-{split}-n{len(items)}-seed{seed}.pt")
+            f"v{sc.DRAW_VERSION}-px{arch.image_size}-layer{arch.feature_layer}-{split}-n{len(items)}-seed{seed}.pt")
     if path.is_file():
         return torch.load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
