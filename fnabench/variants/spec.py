@@ -251,7 +251,7 @@ COMPONENTS: dict[str, dict[str, Param]] = {
 }
 
 #: keys the short form shows even at their default, because they define the row
-_ALWAYS_SHOWN = {"m", "r", "tokens"}
+_ALWAYS_SHOWN = {"m", "r", "visionzip.tokens", "fastv.tokens"}
 
 CORES = ("exact", "fna", "nystrom", "null")
 MODIFIERS = ("mask",)
@@ -298,7 +298,8 @@ class Component:
     def short(self) -> str:
         """Only the keys that differ from their defaults: the compact form for tables."""
         keys = COMPONENTS[self.name]
-        diff = [f"{k}={format_value(v)}" for k, v in self._shown() if v != keys[k].default or k in _ALWAYS_SHOWN]
+        diff = [f"{k}={format_value(v)}" for k, v in self._shown()
+                if v != keys[k].default or k in _ALWAYS_SHOWN or f"{self.name}.{k}" in _ALWAYS_SHOWN]
         return self.name + (":" + ",".join(diff) if diff else "")
 
 
