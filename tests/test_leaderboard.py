@@ -455,6 +455,9 @@ def _republished(name: str, tmp_path: Path, monkeypatch) -> list[dict]:
     monkeypatch.setattr(pub, "plot", lambda records, stem: [stem.with_name(stem.name + ".png")])
     src = Path(__file__).parent.parent / "leaderboards" / name
     described = src / "description.md"
+    (tmp_path / name).mkdir()
+    for extra in src.glob("*.json"):  # files another tool wrote beside the table: publish keeps and lists them
+        (tmp_path / name / extra.name).write_bytes(extra.read_bytes())
     dest = publish(src / "records", tmp_path / name, config_path=src / "config.toml",
                    command=f"fnabench publish results/{name} leaderboards/{name}",
                    description_path=described if described.is_file() else None)
@@ -548,3 +551,21 @@ def test_committed_seg_offline_leaderboard_regenerates_from_its_records(tmp_path
     timed = [r for r in records if r["variant_short"] != "exact"]
     assert all(r["timing"]["reference"]["variant"] == "exact:impl=sdpa" and len(r["timing"]["speedup_rounds"]) == 4
                for r in timed)
+
+
+def test_committed_vqa_offline_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/vqa-offline comes from one `fnabench run configs/vqa_offline.toml` + `publish`: its README
+    comes from its records; every variant of its config ran, on all 200 held-out questions, and the trained
+    model measures something (exact far above the 25 % chance)."""
+    from fnabench.harness.config import load
+    from fnabench.harness.registry import is_causal_model
+
+    records = _republished("vqa-offline", tmp_path, monkeypatch)
+    config = load(Path(__file__).parent.parent / "leaderboards" / "vqa-offline" / "config.toml")
+    ok = {r["variant"]: r for r in records if r["status"] == "ok"}
+    assert set(config.canonical_variants(causal=lambda spec: is_causal_model("offline:llava-shapes", spec))) <= set(ok)
+    assert all(r["task"] == "lmms:fnabench_shapes_vqa" and r["items"] == {"test": 200} for r in ok.values())
+    exact = ok[parse_variant("exact").canonical]
+    assert exact["metrics"]["exact_match"] >= 0.5
+    for spec in ("visionzip:tokens=16", "fastv:tokens=16,layers=1", "fna:m=16,layers=-6:"):  # fewer counted FLOPs
+        assert ok[parse_variant(spec).canonical]["flops"]["total"] < exact["flops"]["total"]

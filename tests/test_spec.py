@@ -47,7 +47,7 @@ def test_values_are_normalised():
 @pytest.mark.parametrize(
     "spec, fragment",
     [
-        ("fnaa:m=3", "accepted: exact, fna, mask, null, nystrom"),
+        ("fnaa:m=3", "accepted: exact, fastv, fna, mask, null, nystrom, tome, visionzip"),
         ("fna:mm=3", "accepted: cache, exclude, fallback, features"),
         ("fna:m=0", "accepted: an integer >= 1"),
         ("fna:m", "needs a value"),

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._errors import UserError
 from ..variants import ForwardState, Variant, parse_variant
-from ..variants.flow import make_flow
+from ..variants.flow import flow_class, make_flow
 from ..variants.variant import ATTENTION_RANGE
 
 #: attribute that marks a patched model and holds its handle (not a module: state dict unchanged)
@@ -149,8 +149,9 @@ def _block_of(model: nn.Module, name: str) -> tuple[str, str, int, int]:
 
 
 def _tower_of(list_path: str) -> str:
-    root = list_path.split(".")[0]
-    return "text" if root in _TEXT_ROOTS else "image"
+    parts = list_path.split(".")
+    # a LLaVA-family model keeps its language model at model.language_model, beside the vision tower
+    return "text" if parts[0] in _TEXT_ROOTS or "language_model" in parts else "image"
 
 
 def _num_prefix(model: nn.Module, list_path: str, tower: str) -> int:
@@ -308,6 +309,9 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             handle._undo.append(site.kind.install(site))
         if variant.flow is not None:
             _install_flow(model, variant, sites, states, handle)
+        for adapter, loaded in _loaded_adapters():  # model-level hooks (a multimodal model marks its image tokens)
+            if loaded and hasattr(adapter, "install_owner"):
+                handle._undo.extend(adapter.install_owner(model, states))
     except Exception:
         handle.remove()
         raise
@@ -318,12 +322,17 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
 def _install_flow(model: nn.Module, variant: Variant, sites: list[Site], states: dict[str, ForwardState],
                   handle: PatchHandle) -> None:
     """Token flow: a flow state per tower, each block patched to call it, the last block's output restored."""
-    if any(state.causal for state in states.values()):
-        raise UnsupportedModelError(f"{variant.flow.name} merges tokens of vision towers; {type(model).__name__} is "
-                                    "a causal decoder; accepted: image encoders (timm, open_clip, transformers, mmseg)")
+    cls = flow_class(variant.flow.name)
+    for tower, state in states.items():
+        if state.causal != cls.causal:
+            runs, where = (("causal decoders", "a multimodal model's language model (tower=text)") if cls.causal else
+                           ("encoders", "image encoders (timm, open_clip, transformers, mmseg)"))
+            kind = "a causal decoder" if state.causal else "an encoder"
+            raise UnsupportedModelError(f"{variant.flow.name} runs in {runs}, and the {tower} tower of "
+                                        f"{type(model).__name__} is {kind}; accepted: {where}")
     kinds, labels = _block_kinds()
     for state in states.values():
-        state.flow = make_flow(variant.flow, state.num_layers, state.num_prefix)
+        state.flow = make_flow(variant.flow, state.num_layers, state.num_prefix, state)
         handle._undo.append(lambda s=state: setattr(s, "flow", None))
     blocks: dict[int, Site] = {}
     for site in sites:

@@ -44,7 +44,9 @@ ENCODER_CLASSES = ("CLIPAttention", "SiglipAttention", "Dinov2Attention", "Dinov
                    "Dinov2WithRegistersAttention", "Dinov2WithRegistersSelfAttention", "ViTAttention",
                    "ViTSelfAttention", "DeiTAttention", "DeiTSelfAttention")
 DECODER_CLASSES = ("GPT2Attention", "LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
-                   "OlmoAttention", "Olmo2Attention")
+                   "OlmoAttention", "Olmo2Attention",
+                   # Qwen2-VL's language model (multimodal rotary positions applied before the dispatch)
+                   "Qwen2VLAttention", "Qwen2_5_VLAttention")
 CLASSES = ENCODER_CLASSES + DECODER_CLASSES
 LOOKS_FOR = [f"transformers {name}" for name in (*CLASSES[:3], *DECODER_CLASSES)]
 #: encoder layers a token flow patches: (norm before attention, attention, norm before MLP, MLP) by name;
@@ -53,7 +55,11 @@ ENCODER_LAYERS = {"CLIPEncoderLayer": ("layer_norm1", "self_attn", "layer_norm2"
                   "SiglipEncoderLayer": ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
                   "Dinov2Layer": ("norm1", "attention", "norm2", "mlp"),
                   "Dinov2WithRegistersLayer": ("norm1", "attention", "norm2", "mlp")}
-BLOCKS = [f"transformers {name}" for name in ENCODER_LAYERS]
+#: pre-norm decoder layers a token flow (FastV-style pruning) patches:
+#: input_layernorm → self_attn → residual, post_attention_layernorm → mlp → residual
+DECODER_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                  "OlmoDecoderLayer")
+BLOCKS = [f"transformers {name}" for name in (*ENCODER_LAYERS, *DECODER_LAYERS)]
 
 
 class PaddingMaskError(UserError, ValueError):
@@ -244,12 +250,68 @@ def _install_block(site: BlockSite):
     return install_forward(layer, forward)
 
 
+def _install_decoder_block(site: BlockSite):
+    layer = site.block
+
+    def forward(hidden_states, *args, **kwargs):
+        if args:  # transformers passes everything but the hidden states by keyword; an old caller: the mask
+            kwargs = {"attention_mask": args[0], **kwargs}
+        site.enter(hidden_states)
+        narrow = getattr(site.state.flow, "inputs_for", None)
+        if narrow is not None:  # positions and masks follow the tokens a flow kept
+            kwargs = narrow(hidden_states.shape[1], kwargs)
+        out = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+        x = site.between(hidden_states + (out[0] if isinstance(out, tuple) else out))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    return install_forward(layer, forward)
+
+
 def block_kinds() -> list[BlockKind]:
     def matches(m) -> bool:
         cls = type(m)
         return cls.__name__ in ENCODER_LAYERS and cls.__module__.startswith("transformers.")
 
-    return [BlockKind("transformers encoder layer", matches, _install_block)]
+    def matches_decoder(m) -> bool:
+        cls = type(m)
+        return cls.__name__ in DECODER_LAYERS and cls.__module__.startswith("transformers.")
+
+    return [BlockKind("transformers encoder layer", matches, _install_block),
+            BlockKind("transformers decoder layer", matches_decoder, _install_decoder_block)]
+
+
+def _image_token_id(config) -> int | None:
+    for key in ("image_token_id", "image_token_index"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def install_owner(model: nn.Module, states: dict) -> list:
+    """On a multimodal model whose language model is patched: a pre-hook on the module that receives
+    ``input_ids`` (LLaVA's ``model.model``) marks the image tokens of each forward in the text tower's state
+    (``guarantee=text``, FastV-style pruning). Returns the undo callables."""
+    state = states.get("text")
+    if state is None:
+        return []
+    undo = []
+    for module in model.modules():
+        token = _image_token_id(getattr(module, "config", None))
+        if token is None or not hasattr(module, "language_model") or type(module).__name__.endswith("Generation"):
+            continue
+
+        def mark(_module, args, kwargs, token=token):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            state.image_tokens = None if ids is None else ids == token
+
+        def clear(*_args):  # a later call of the language model on its own must not see stale marks
+            state.image_tokens = None
+
+        undo.append(module.register_forward_pre_hook(mark, with_kwargs=True).remove)
+        undo.append(module.register_forward_hook(clear).remove)
+    if undo:
+        undo.append(lambda: setattr(state, "image_tokens", None))
+    return undo
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ any model loads, so a typo never costs a half-run sweep.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -62,16 +63,18 @@ class SweepConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def canonical_variants(self, *, causal: bool = False) -> list[str]:
+    def canonical_variants(self, *, causal: bool | Callable[[str], bool] = False) -> list[str]:
         """Variant specs in canonical form, exact first (speed ratios need it), duplicates removed.
 
-        With ``causal``, each in the form it runs in a decoder (Variant.for_causal): resolved from the
-        spec as written, so a selector the spec names stays, and one it leaves out becomes causal-safe.
+        With ``causal`` (or where ``causal(spec)`` says so), each in the form it runs in a decoder
+        (Variant.for_causal): resolved from the spec as written, so a selector the spec names stays, and
+        one it leaves out becomes causal-safe.
         """
         out: list[str] = []
         for spec in self.variants:
             variant = parse_variant(expand_variant(spec))
-            canon = (variant.for_causal() if causal else variant).canonical
+            on_causal = causal(spec) if callable(causal) else causal
+            canon = (variant.for_causal() if on_causal else variant).canonical
             if canon not in out:
                 out.append(canon)
         exact = parse_variant("exact").canonical

@@ -42,6 +42,7 @@ IMAGES_HEADER = "images/s"
 PARETO_HEADER = "Pareto"
 KV_HEADER = "KV cache % of full"
 DECODE_HEADER = "decode-step GFLOPs"
+DECODE_RATE_HEADER = "decode tokens/s"
 #: settings that, when they differ between rows of one task, are added to the model label
 _LABEL_SETTINGS = ("dtype", "device", "batch_size", "limit", "seed")
 #: settings a variant must share with its exact reference (everything in a cell's identity but the variant)
@@ -301,7 +302,8 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
     pers = {(r.get("flops") or {}).get("per", "image") for r in recs if r["status"] == "ok"}
     rate = IMAGES_HEADER if pers <= {"image"} else f"{pers.pop()}s/s" if len(pers) == 1 else "items/s"
     has_kv = any(r.get("kv_cache") for r in recs if r["status"] == "ok")  # decoders: what decoding keeps
-    kv_headers = [KV_HEADER, DECODE_HEADER] if has_kv else []
+    has_rate = any((r.get("kv_cache") or {}).get("decode_tokens_per_s") for r in recs if r["status"] == "ok")
+    kv_headers = [KV_HEADER, DECODE_HEADER, *([DECODE_RATE_HEADER] if has_rate else [])] if has_kv else []
     headers = ["model", "variant", *metric_headers, GFLOPS_HEADER, ATTN_GFLOPS_HEADER, *kv_headers,
                f"Δ {primary} vs exact" if primary else "Δ vs exact", SPEEDUP_HEADER, rate, PARETO_HEADER]
     if any_failed:
@@ -336,6 +338,7 @@ def _build_table(task: str, recs: list[dict], metrics_filter: set[str] | None) -
             cells += [fmt_number(raw["gflops"]), fmt_number(raw["attention_gflops"])]
             if has_kv:
                 cells += [fmt_number(raw["kv_percent"]), fmt_number(raw["decode_gflops"])]
+                cells += [fmt_number(raw["decode_tokens_per_s"])] if has_rate else []
             cells += ["ref" if exact_row else fmt_number(delta, sign=True),
                       "ref" if exact_row else _speedup_cell(spd, timing),
                       fmt_number(ips), PARETO_MARK if on_front else ""]
@@ -379,7 +382,7 @@ def _kv_values(rec: dict) -> dict:
     kv = rec.get("kv_cache") or {}
     full = kv.get("full_bytes")
     return {"kv_cache_bytes": kv.get("bytes"), "kv_percent": 100 * kv["bytes"] / full if full else None,
-            "decode_gflops": kv.get("decode_gflops")}
+            "decode_gflops": kv.get("decode_gflops"), "decode_tokens_per_s": kv.get("decode_tokens_per_s")}
 
 
 def build_tables(records: Iterable[dict], *, metrics: Iterable[str] | None = None) -> list[Table]:
@@ -427,9 +430,11 @@ def _csv(tables: list[Table]) -> str:
                "status", *metric_cols, "primary_se", "n_test", "gflops", "attention_gflops", "delta_primary_vs_exact",
                "speedup_vs_exact", "images_per_s", "median_s", "pareto", "error"]
     has_kv = any(v.get("kv_cache_bytes") is not None for t in tables for v in t.values)
+    has_rate = any(v.get("decode_tokens_per_s") is not None for t in tables for v in t.values)
     if has_kv:
         at = headers.index("delta_primary_vs_exact")
-        headers[at:at] = ["kv_cache_bytes", "kv_cache_percent", "decode_gflops"]
+        headers[at:at] = ["kv_cache_bytes", "kv_cache_percent", "decode_gflops",
+                          *(["decode_tokens_per_s"] if has_rate else [])]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(headers)
@@ -447,6 +452,7 @@ def _csv(tables: list[Table]) -> str:
                              cell(v["items"].get("test")), cell(v["gflops"]), cell(v["attention_gflops"]),
                              *((cell(v["kv_cache_bytes"]), cell(v["kv_percent"]), cell(v["decode_gflops"]))
                                if has_kv else ()),
+                             *((cell(v["decode_tokens_per_s"]),) if has_kv and has_rate else ()),
                              cell(v["delta"]), cell(v["speedup"]), cell(v["images_per_s"]),
                              cell(v["median_s"]), v["pareto"], cell(v["error"])])
     return buf.getvalue()

@@ -94,6 +94,10 @@ for _hf in ("hf-clip", "hf-siglip", "hf-dinov2"):
     MODELS.register(f"tiny:{_hf}", "fnabench.adapters.transformers:load_tiny",
                     f"random-init small transformers {_hf[3:]}")
 
+MODELS.register("llava", "fnabench.adapters.llava:load_model",
+                "llava:<folder-or-hub-id> — a LLaVA-family transformers checkpoint (variants: tower=image|text|all)")
+MODELS.register("offline:llava-shapes", "fnabench.adapters.llava:load_offline",
+                "LLaVA on the real DINOv2-S with a small LM trained here on generated VQA (trained once, cached)")
 MODELS.register("recall", "fnabench.tasks.recall_task:load_model",
                 "recall:<preset-or-run>[@seedN] — a trained recall GPT-2 (a preset is trained once, then cached)")
 TASKS.register("recall", "fnabench.tasks.recall_task:make_task",
@@ -106,6 +110,8 @@ TASKS.register("linear", "fnabench.tasks.probe:make_linear_task",
                "linear:digits|mnist|folder — logistic-regression probe on frozen features")
 TASKS.register("classify", "fnabench.tasks.classify:make_task",
                "classify:folder|wds|shapes — the model's own head and preprocessing: top-1/top-5, per class, ReaL")
+TASKS.register("lmms", "fnabench.tasks.lmms:make_task",
+               "lmms:<task> — an lmms-eval task through simple_evaluate (fnabench's own: fnabench_shapes_vqa)")
 TASKS.register("clip_benchmark", "fnabench.tasks.clip_benchmark:make_task",
                "clip_benchmark:<dataset>|shapes — CLIP_benchmark zero-shot retrieval/classification (dataset_root)")
 TASKS.register("mmseg", "fnabench.tasks.mmseg_task:make_task",
@@ -120,13 +126,24 @@ VARIANTS.register("paper-clip-l14-m32", lambda: "fna:m=32,layers=-11:,pinv=newto
                   "FNA m=32 on the last 11 of 24 blocks, the official Newton-Schulz inverse")
 
 
-#: model families whose attention is causal: variants on them resolve to their causal form (Variant.for_causal)
-CAUSAL_MODELS = ("recall",)
+#: model families with causal attention, by registry prefix or exact name → the towers whose attention is
+#: causal (None: the model's only tower, a decoder). Variants that touch one resolve to their causal form
+#: (Variant.for_causal); a LLaVA model's language model is its tower ``text``.
+CAUSAL_MODELS: dict[str, set[str] | None] = {"recall": None, "llava": {"text"}, "offline:llava-shapes": {"text"}}
 
 
-def is_causal_model(name: str) -> bool:
-    """Whether the model ``name`` is a decoder, known from its registry prefix without loading it."""
-    return name.partition(":")[0] in CAUSAL_MODELS
+def is_causal_model(name: str, variant: str | None = None) -> bool:
+    """Whether ``variant`` runs on causal attention in the model ``name`` (for a decoder, any variant does;
+    in a multimodal model, one placed in its language model, ``tower=text|all``), known without loading."""
+    key = name if name in CAUSAL_MODELS else name.partition(":")[0]
+    if key not in CAUSAL_MODELS:
+        return False
+    towers = CAUSAL_MODELS[key]
+    if towers is None:
+        return True
+    from ..variants import parse_variant
+
+    return variant is not None and bool(parse_variant(expand_variant(variant)).towers() & towers)
 
 
 def load_model(name: str, *, image_size: int | None = None):

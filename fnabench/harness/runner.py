@@ -60,7 +60,8 @@ def cells(config: SweepConfig) -> list[rec.Cell]:
     """The grid in run order: grouped by model and image size so each model loads once."""
     out = []
     for model in config.models:
-        variants = config.canonical_variants(causal=is_causal_model(model))  # decoders: causal-safe defaults
+        # decoders (and a multimodal model's language model): causal-safe defaults
+        variants = config.canonical_variants(causal=lambda spec, model=model: is_causal_model(model, spec))
         for size in config.image_sizes:
             for task in config.tasks:
                 for seed in config.seeds:
@@ -98,7 +99,7 @@ def _base_record(cell: rec.Cell, started: str, t0: float, env: dict) -> dict:
     return {
         "schema": rec.SCHEMA_VERSION, "id": cell.id, "status": "ok", "model": cell.model,
         "variant": cell.variant, "variant_short": _short(variant, cell.model), "task": cell.task,
-        **({"causal": {"leaks_future": variant.leaks_future}} if is_causal_model(cell.model) else {}),
+        **({"causal": {"leaks_future": variant.leaks_future}} if is_causal_model(cell.model, cell.variant) else {}),
         "settings": dict(cell.settings), "metrics": {}, "primary_metric": None, "higher_is_better": {},
         "flops": None, "timing": None, "peak_memory_bytes": None, "environment": env,
         "seed": cell.setting("seed", 0), "started": started, "finished": rec.now(),
@@ -108,7 +109,7 @@ def _base_record(cell: rec.Cell, started: str, t0: float, env: dict) -> dict:
 
 def _short(variant: Variant, model: str) -> str:
     """The table's name for a variant; in a decoder a whole-sequence selector is named and flagged."""
-    return variant.label(causal=is_causal_model(model))
+    return variant.label(causal=is_causal_model(model, variant.canonical))
 
 
 class Runner:
@@ -292,7 +293,7 @@ class Runner:
 
     def _run_cell(self, cell, loaded, task, data, settings, started, t0, env) -> dict:
         variant = parse_variant(cell.variant)
-        batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
+        batch = _on_device(task.example_batch(data, settings), settings)
         timing, memory = self._time(cell, loaded, variant, batch, settings, _measured(task, loaded, data))
         with patch(loaded.model, variant) as handle:
             flops = self._count(cell, loaded, batch[:1], getattr(task, "per", "image"), _measured(task, loaded, data))
@@ -339,8 +340,9 @@ class Runner:
                     cache = decoder.prefill(one[:, :-1])
                     size = cache_bytes(cache)
                     step = count_flops(decoder.step, one[:, -1:], cache)
+                    rate = _decode_rate(decoder, one[:, -1:], cache)
                 self._kv[key] = {"bytes": size, "decode_gflops": step.total / 1e9,
-                                 "decode_attention_gflops": step.attention / 1e9}
+                                 "decode_attention_gflops": step.attention / 1e9, "decode_tokens_per_s": rate}
             return self._kv[key]
 
         own, full = measure(variant), measure(parse_variant(EXACT_REFERENCE))
@@ -352,7 +354,7 @@ class Runner:
         A record written before fnabench counted items also gets its item counts, from the same
         prepared data its metrics came from (the split is seeded, so it is the same data).
         """
-        batch = task.example_batch(data, settings).to(settings.device, settings.dtype)
+        batch = _on_device(task.example_batch(data, settings), settings)
         timing, memory = self._time(cell, loaded, parse_variant(cell.variant), batch, settings,
                                     _measured(task, loaded, data))
         timing = {**timing, "retimed": {"at": rec.now(), "environment": env}}
@@ -410,6 +412,35 @@ class Runner:
 def _stamp(record: dict) -> tuple:
     """What tells one run of a cell from another: when it started and finished, and how long it took."""
     return record["started"], record["finished"], record["duration_s"]
+
+
+#: decoding steps timed on a prefill's KV cache (the first two are warm-up)
+DECODE_STEPS = 12
+
+
+def _decode_rate(decoder, token: torch.Tensor, cache) -> float:
+    """Tokens per second of single-token decoding steps on ``cache``: 1 / the median step time."""
+    import statistics
+
+    from ..measure import _sync
+
+    device = token.device
+    times = []
+    with torch.no_grad():
+        for _ in range(DECODE_STEPS):
+            _sync(device)
+            t0 = time.perf_counter()
+            decoder.step(token, cache)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return token.shape[0] / statistics.median(times[2:])
+
+
+def _on_device(batch: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """A task's example batch on the sweep's device, in its dtype unless it holds integers (token ids)."""
+    if batch.is_floating_point():
+        return batch.to(settings.device, settings.dtype)
+    return batch.to(settings.device)
 
 
 def _fallback_layers(handle) -> dict | None:

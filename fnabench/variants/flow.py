@@ -9,11 +9,14 @@ Adapters patch each block of a tower (adapters/core.py, ``BlockKind``) so that i
 
 and the tower's last block ends with :meth:`TokenFlow.finish`, which gives every input position a token
 again (dense heads, pooling and intermediate taps see the original token grid). :class:`ToMe` is the first
-member; a VisionZip-style (keep dominant tokens after block k) or FastV-style (drop low-attention tokens in
-a decoder) flow is another subclass of :class:`TokenFlow` with its own ``between`` and ``finish``.
+member; VisionZip-style reduction (variants/visionzip.py: dominant and merged contextual tokens after block
+k) and FastV-style pruning (variants/fastv.py: image tokens with little attention dropped inside a decoder,
+``causal = True``) are the others, each a subclass of :class:`TokenFlow` with its own ``between`` and ``finish``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -24,8 +27,12 @@ from .tome import merge, plan_merge, unmerge
 class TokenFlow:
     """Per-forward state of a token flow in one tower; :meth:`start` resets it at block 0."""
 
-    def __init__(self, component: Component, num_layers: int, num_prefix: int) -> None:
+    #: whether it runs in causal towers (decoders) rather than in encoders
+    causal = False
+
+    def __init__(self, component: Component, num_layers: int, num_prefix: int, state: Any = None) -> None:
         self.component = component
+        self.state = state  # the tower's ForwardState (what the adapter knows about this forward)
         self.num_layers = num_layers
         self.num_prefix = num_prefix
         self.layers = set(component["layers"].resolve(num_layers))
@@ -106,6 +113,14 @@ class ToMe(TokenFlow):
 FLOWS = {"tome": ToMe}
 
 
-def make_flow(component: Component, num_layers: int, num_prefix: int) -> TokenFlow:
+def flow_class(name: str) -> type[TokenFlow]:
+    """The class of the token flow ``name`` (VisionZip- and FastV-style live in their own modules)."""
+    from .fastv import FastV
+    from .visionzip import VisionZip
+
+    return {**FLOWS, "visionzip": VisionZip, "fastv": FastV}[name]
+
+
+def make_flow(component: Component, num_layers: int, num_prefix: int, state: Any = None) -> TokenFlow:
     """The per-tower state object of the token-flow ``component``."""
-    return FLOWS[component.name](component, num_layers, num_prefix)
+    return flow_class(component.name)(component, num_layers, num_prefix, state)

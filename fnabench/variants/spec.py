@@ -65,16 +65,26 @@ def _parse_slice(text: str) -> LayerSlice:
 
 @dataclass(frozen=True)
 class TokenSet:
-    """A set of token positions: ``none``, ``prefix`` (CLS and registers), ``cls`` or a slice ``a:b``."""
+    """A set of token positions: ``none``, ``prefix`` (CLS and registers), ``cls``, ``text`` (the text tokens
+    of a multimodal language model's sequence, i.e. every token that is not an image token) or a slice ``a:b``."""
 
     kind: str
     span: LayerSlice | None = None
 
-    def mask(self, num_tokens: int, num_prefix: int):
-        """Boolean [N] tensor of the positions in the set."""
+    def mask(self, num_tokens: int, num_prefix: int, image_tokens=None):
+        """Boolean [N] tensor of the positions in the set; ``text`` needs ``image_tokens`` (bool [N])."""
         import torch
 
         out = torch.zeros(num_tokens, dtype=torch.bool)
+        if self.kind == "text":
+            if image_tokens is None or image_tokens.shape[-1] != num_tokens:
+                raise ValueError("guarantee/exclude=text needs to know which tokens are image tokens: patch the "
+                                 "whole LLaVA-family model (its input_ids mark them), not its language model alone")
+            rows = image_tokens.reshape(-1, num_tokens).cpu()
+            if not bool((rows == rows[:1]).all()):
+                raise ValueError("guarantee/exclude=text needs every row of the batch to hold its image tokens at the "
+                                 "same positions; accepted: batch size 1 or prompts of one layout")
+            return ~rows[0]
         if self.kind == "prefix":
             out[:num_prefix] = True
         elif self.kind == "cls":
@@ -88,7 +98,7 @@ class TokenSet:
 
 
 def _parse_tokens(text: str) -> TokenSet:
-    if text in ("none", "prefix", "cls"):
+    if text in ("none", "prefix", "cls", "text"):
         return TokenSet(text)
     return TokenSet("span", _parse_slice(text))
 
@@ -100,6 +110,10 @@ def _parse_bool(text: str) -> bool:
     if low in ("false", "0", "no", "off"):
         return False
     raise ValueError(text)
+
+
+def _parse_int_or_auto(text: str) -> int | None:
+    return None if text == "auto" else int(text)
 
 
 def _parse_float_or_auto(text: str) -> float | None:
@@ -161,6 +175,9 @@ _RATIO = "a float > 1"
 COMPONENTS: dict[str, dict[str, Param]] = {
     "exact": {
         "impl": _choice("sdpa", "math"),
+        # where exact attention is patched in (a LLaVA model's language model is tower=text); not in the
+        # canonical string at its default, so exact's identity is what it always was
+        "tower": Param(_TOWER.parse, "image", _TOWER.accepts, later=True),
     },
     "fna": {
         "m": _M,
@@ -172,8 +189,8 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "iters": _ITERS,
         "rcond": _RCOND,
         "resample": Param(_parse_bool, False, "true | false"),
-        "guarantee": Param(_parse_tokens, TokenSet("prefix"), "none | prefix | cls | a slice a:b"),
-        "exclude": Param(_parse_tokens, TokenSet("none"), "none | prefix | cls | a slice a:b"),
+        "guarantee": Param(_parse_tokens, TokenSet("prefix"), "none | prefix | cls | text | a slice a:b"),
+        "exclude": Param(_parse_tokens, TokenSet("none"), "none | prefix | cls | text | a slice a:b"),
         "seed": Param(_parse_int, 0, "an integer"),
         "norm_ratio": Param(float, 3.0, _RATIO, lambda v: v > 1),
         "ridge": _RIDGE,
@@ -214,15 +231,32 @@ COMPONENTS: dict[str, dict[str, Param]] = {
         "tower": _choice("image"),
         "prop_attn": Param(_parse_bool, True, "true | false"),
     },
+    # VisionZip-style (variants/visionzip.py): at block `layers` of a vision tower keep `tokens` patch tokens,
+    # the dominant ones by CLS attention plus `contextual` merged ones (auto: about a sixth of `tokens`)
+    "visionzip": {
+        "tokens": Param(_parse_int, 64, "an integer >= 1", lambda v: v >= 1),
+        "contextual": Param(_parse_int_or_auto, None, "'auto' or an integer >= 0", lambda v: v is None or v >= 0),
+        "layers": Param(_parse_slice, LayerSlice(-2, None, single=True), "one block index such as -2",
+                        lambda v: v.single),
+        "tower": _choice("image"),
+    },
+    # FastV-style (variants/fastv.py): in a multimodal model's language model, after the attention of block
+    # `layers`, keep the `tokens` image tokens that receive most attention, and every text token
+    "fastv": {
+        "tokens": Param(_parse_int, 64, "an integer >= 0", lambda v: v >= 0),
+        "layers": Param(_parse_slice, LayerSlice(2, None, single=True), "one block index such as 2",
+                        lambda v: v.single),
+        "tower": _choice("text"),
+    },
 }
 
 #: keys the short form shows even at their default, because they define the row
-_ALWAYS_SHOWN = {"m", "r"}
+_ALWAYS_SHOWN = {"m", "r", "visionzip.tokens", "fastv.tokens"}
 
 CORES = ("exact", "fna", "nystrom", "null")
 MODIFIERS = ("mask",)
 #: token-flow components: they change how many tokens flow through later blocks (patched at block level)
-FLOWS = ("tome",)
+FLOWS = ("tome", "visionzip", "fastv")
 
 
 @dataclass(frozen=True)
@@ -264,7 +298,8 @@ class Component:
     def short(self) -> str:
         """Only the keys that differ from their defaults: the compact form for tables."""
         keys = COMPONENTS[self.name]
-        diff = [f"{k}={format_value(v)}" for k, v in self._shown() if v != keys[k].default or k in _ALWAYS_SHOWN]
+        diff = [f"{k}={format_value(v)}" for k, v in self._shown()
+                if v != keys[k].default or k in _ALWAYS_SHOWN or f"{self.name}.{k}" in _ALWAYS_SHOWN]
         return self.name + (":" + ",".join(diff) if diff else "")
 
 

@@ -52,6 +52,9 @@ class ForwardState:
     #: with ``fallback=auto``: per layer, whether the approximation ran (else exact) the last time that
     #: layer decided (decoding steps on a KV cache attend exactly and decide nothing)
     approximated: dict = field(default_factory=dict)
+    #: a multimodal language model's sequence: bool [N], True at image tokens (set by the adapter per forward;
+    #: what ``guarantee=text`` keeps)
+    image_tokens: torch.Tensor | None = None
     #: a token-flow variant's per-forward state (variants/flow.py), set by the patch; None otherwise
     flow: Any = None
 
@@ -130,7 +133,8 @@ class Variant:
 
     def towers(self) -> set[str]:
         """Towers the variant changes ('image', 'text'); exact touches the image tower by default."""
-        names = {c["tower"] for c in self._parts() if "tower" in c.values}
+        # exact's tower counts only where the spec names it: "exact+mask:tower=text" is the text tower alone
+        names = {c["tower"] for c in self._parts() if "tower" in c.values and (c.name != "exact" or "tower" in c.given)}
         names = names or {"image"}
         return {"image", "text"} if "all" in names else names
 
@@ -183,6 +187,8 @@ class Variant:
     def _attend_causal(self, q, k, v, state: ForwardState, scale) -> torch.Tensor:
         """Causal attention (variants/causal.py for the approximations); future tokens never matter."""
         variant = self.for_causal()
+        if state.flow is not None:  # token flow in a decoder (FastV-style): it reads q and k; no mask to change
+            state.flow.attention(q, k, None)
         key_masked = None
         if _applies(variant.mask, state):
             key_masked, v = variant._apply_mask(v, state, causal=True)
@@ -219,8 +225,8 @@ class Variant:
         if state.landmarks is not None and not core["resample"] and state.landmarks.shape[0] == q.shape[0]:
             return state.landmarks
         b, _, n, _ = q.shape
-        guarantee = core["guarantee"].mask(n, state.num_prefix)
-        exclude = core["exclude"].mask(n, state.num_prefix)
+        guarantee = core["guarantee"].mask(n, state.num_prefix, state.image_tokens)
+        exclude = core["exclude"].mask(n, state.num_prefix, state.image_tokens)
         if core["landmarks"] == "stride":
             idx = stride_positions(n, core["m"], guarantee=guarantee, exclude=exclude)[None].expand(b, -1)
         else:
@@ -308,8 +314,8 @@ class Variant:
         m = core["m"]
         # the spec's masks are shared by every row and stay on the host, so FPS decides its guaranteed
         # block there; masked keys differ per row and move the decision to the device
-        guarantee = core["guarantee"].mask(n, state.num_prefix)
-        exclude = core["exclude"].mask(n, state.num_prefix)
+        guarantee = core["guarantee"].mask(n, state.num_prefix, state.image_tokens)
+        exclude = core["exclude"].mask(n, state.num_prefix, state.image_tokens)
         if key_masked is not None:  # a key-masked token would only ever serve itself
             exclude = exclude.to(q.device)[None].expand(b, n) | key_masked
         with torch.no_grad():
