@@ -195,13 +195,15 @@ def test_a_failure_found_at_start_is_retried_and_one_written_meanwhile_is_left_a
 SIX_VARIANTS = TINY_SWEEP.replace('variants = ["fna:m=4,layers=-2:", "exact", "nystrom:m=4"]',
                                   'variants = ["exact", "fna:m=4", "fna:m=6", "fna:m=8", "nystrom:m=4", "nystrom:m=8", '
                                   '"fna:m=4,landmarks=random", "mask:tokens=all"]')
+# cells slow enough (paired timing rounds) that the runner which imports second still finds cells to claim
+RACING_SWEEP = SIX_VARIANTS.replace("timing_repeats = 1", "timing_repeats = 150")
 
 
 @pytest.mark.slow
 def test_two_concurrent_runners_share_a_sweep_without_running_a_cell_twice(tmp_path):
     """Two `fnabench run` processes started together on one results folder: each cell runs once, all records valid."""
-    assert SIX_VARIANTS != TINY_SWEEP
-    (tmp_path / "sweep.toml").write_text(SIX_VARIANTS)
+    assert SIX_VARIANTS != TINY_SWEEP and RACING_SWEEP != SIX_VARIANTS
+    (tmp_path / "sweep.toml").write_text(RACING_SWEEP)
     cmd = [sys.executable, "-m", "fnabench.harness.cli", "run", "sweep.toml", "--out", "shared", "--quiet"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**_env(), "OMP_NUM_THREADS": "1"}) for _ in range(2)]
