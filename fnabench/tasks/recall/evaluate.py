@@ -199,12 +199,7 @@ def evaluate_probes(run_dir: str | Path, cfg: EvalConfig | None = None, probes: 
     """Each OOD probe (and the plain query) at one checkpoint (default: the last): {probe: summary}."""
     from .config import PROBES
 
-    checkpoints = rundir.list_checkpoints(run_dir)
-    if not checkpoints:
-        raise ConfigError(f"{run_dir} has no checkpoints to evaluate")
-    step = checkpoints[-1][0] if step is None else step
-    if step not in {s for s, _ in checkpoints}:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step}")
+    step, _ = rundir.pick_checkpoint(run_dir, step, "evaluate")
     config = rundir.load_config(run_dir)
     cfg = cfg or config.eval
     out = {}

@@ -211,12 +211,7 @@ def patch_run(run_dir, examples: int | None = None, traces: int | None = None, s
 
     run_dir = Path(run_dir)
     config = rundir.load_config(run_dir)
-    checkpoints = dict(rundir.list_checkpoints(run_dir))
-    if not checkpoints:
-        raise ConfigError(f"{run_dir} has no checkpoints to patch")
-    step = max(checkpoints) if step is None else step
-    if step not in checkpoints:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step}")
+    step, checkpoint = rundir.pick_checkpoint(run_dir, step, "patch")
     if min(examples or 1, traces or 1) < 1:
         raise ConfigError("patching --examples and --traces must be >= 1")
     path = run_dir / rundir.EVALS / PATCHING_DIR / f"step_{step:08d}.json"
@@ -226,7 +221,7 @@ def patch_run(run_dir, examples: int | None = None, traces: int | None = None, s
                 and examples in (None, stored["examples"]) and traces in (None, stored["traces"]):
             return stored
     examples, traces = examples or 16, traces or 64
-    model, counters = load_checkpoint(config, checkpoints[step])
+    model, counters = load_checkpoint(config, checkpoint)
     out = {"format": PATCHING_FORMAT, "step": step, "examples_trained": counters["examples"], "examples": examples,
            "traces": traces,
            "eval": section_dict(config.eval), "rows": patching_report(model, config, config.eval, examples, traces)}

@@ -281,19 +281,14 @@ def prune_run(run_dir: str | Path, target: str, settings: PruneSettings, *, step
     settings.validate()
     run_dir = Path(run_dir)
     config = rundir.load_config(run_dir)
-    checkpoints = dict(rundir.list_checkpoints(run_dir))
-    if not checkpoints:
-        raise ConfigError(f"{run_dir} has no checkpoints to prune")
-    step = max(checkpoints) if step is None else step
-    if step not in checkpoints:
-        raise ConfigError(f"{run_dir} has no checkpoint at step {step}")
+    step, checkpoint = rundir.pick_checkpoint(run_dir, step, "prune")
     if config.eval.haystack < 2 or config.eval.query_len < 2:
         raise ConfigError("pruning needs a recall query with eval.haystack >= 2 and >= 2 observations after it")
     folder = run_dir / PRUNE_DIR / f"step{step}" / settings.tag(target)
     path = folder / "circuit.json"
     if path.is_file() and not refresh:
         return rundir.read_json(path)
-    model, counters = load_checkpoint(config, checkpoints[step])
+    model, counters = load_checkpoint(config, checkpoint)
     circuit = find_circuit(model, config, target, settings, progress)
     circuit["scores"] = score_circuit(model, config, circuit, settings)
     circuit["step"] = step

@@ -82,6 +82,17 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def pick_checkpoint(run_dir: str | Path, step: int | None, purpose: str) -> tuple[int, Path]:
+    """(step, path) of the checkpoint at ``step`` (None: the last); a one-line error naming ``purpose`` if absent."""
+    checkpoints = dict(list_checkpoints(run_dir))
+    if not checkpoints:
+        raise ConfigError(f"{run_dir} has no checkpoints to {purpose}")
+    step = max(checkpoints) if step is None else step
+    if step not in checkpoints:
+        raise ConfigError(f"{run_dir} has no checkpoint at step {step}")
+    return step, checkpoints[step]
+
+
 def read_log(run_dir: str | Path) -> list[dict]:
     """The training log's records (one per ``log_every`` steps)."""
     path = Path(run_dir) / LOG
