@@ -33,8 +33,8 @@ def main() -> None:
     import transformers as tr
 
     import fnabench
-    from fnabench.adapters.kv_cache import cache_bytes
     from fnabench.measure import count_flops
+    from fnabench.patching.kv_cache import cache_bytes
 
     torch.manual_seed(0)
     cfg = tr.LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=2 * args.hidden,

@@ -17,8 +17,8 @@ import time
 import torch
 
 import fnabench
-from fnabench.harness.registry import make_task
 from fnabench.tasks.base import Settings, batches
+from fnabench.tasks.registry import make_task
 
 
 def _bare(loaded, images: torch.Tensor, batch_size: int) -> float:

@@ -64,7 +64,7 @@ CSV_KEYS = [
 def build_model(size: int, device: torch.device | str, dtype: torch.dtype, name: str | None = None) -> torch.nn.Module:
     """``name`` from fnabench's model registry, else a random-initialised ViT-B/16; in eval mode."""
     if name is not None:
-        from fnabench.harness.registry import load_model
+        from fnabench.models.registry import load_model
 
         return load_model(name, image_size=size).model.to(device=device, dtype=dtype).eval()
     import timm

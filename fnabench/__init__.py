@@ -4,13 +4,12 @@ Public API: :func:`patch`, :func:`parse_variant`, :func:`count_flops`, :func:`an
 ``fnabench.variants.fna.nystrom_attention``.
 """
 
-from .adapters import PatchHandle, UnsupportedModelError, patch
-from .analysis import analyze
-from .harness.registry import load_model
-from .measure import FlopCount, count_flops, measure_latency, peak_memory
-from .variants import SpecError, Variant, parse_variant
-
-__version__ = "0.1.0"
+from fnabench._version import __version__
+from fnabench.adapters import PatchHandle, UnsupportedModelError, patch
+from fnabench.analysis import analyze
+from fnabench.measure import FlopCount, count_flops, measure_latency, peak_memory
+from fnabench.models.registry import load_model
+from fnabench.variants import SpecError, Variant, parse_variant
 
 __all__ = [
     "FlopCount",

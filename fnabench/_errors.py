@@ -25,6 +25,17 @@ class UserError(Exception):
     """Base of every error that means "the input was wrong": the top level prints its one line, exit 2."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file or value that cannot be used (a sweep, an ``[executor]`` table, a recall run); one line
+    naming what is wrong and what is accepted. The harness and the recall suite re-export it."""
+
+
+class TaskError(UserError, ValueError):
+    """A task that cannot run as asked (unknown dataset, bad option); one line saying what is accepted.
+
+    Raised by the tasks and by the data they read (``fnabench.tasks.base`` re-exports it)."""
+
+
 def one_line(err: BaseException) -> str:
     """An error's message on one line (what ``str`` gives, whitespace collapsed)."""
     text = " ".join(str(err).split())

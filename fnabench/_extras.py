@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ._errors import UserError
+from fnabench._errors import UserError
 
 #: importable name → the fnabench extra that installs it
 EXTRAS = {

@@ -12,9 +12,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .harness.gate import CheckReport, check, load_baseline
-from .harness.leaderboard import is_exact
-from .harness.records import SCHEMA_VERSION, Cell, read_records, validate
+from fnabench.harness.gate import CheckReport, check, load_baseline
+from fnabench.harness.leaderboard import is_exact
+from fnabench.harness.records import SCHEMA_VERSION, Cell, read_records, validate
 
 __all__ = ["assert_no_regression", "check_results", "make_record"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fnabench.harness.cli import main
+from fnabench.cli.main import main
 from fnabench.harness.records import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_the_gpu_configs_are_valid_here():
     import argparse
 
     from fnabench import parse_variant
-    from fnabench.harness import analyze_cli
+    from fnabench.cli import analyze_cmd as analyze_cli
     from fnabench.harness.config import tomllib
 
     args = argparse.Namespace(config=str(ROOT / "configs" / "analysis_gpu.toml"), models=[], device="cpu")

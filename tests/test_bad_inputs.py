@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TINY_SWEEP
 
-from fnabench.harness.cli import main
+from fnabench.cli.main import main
 
 pytest.importorskip("timm")
 
@@ -262,7 +262,7 @@ def test_the_matrix_is_large():
 
 def test_leaderboard_into_a_closed_pipe_is_quiet(workspace):
     """`fnabench leaderboard ... | head -1`: no BrokenPipeError traceback."""
-    cmd = f"{sys.executable} -m fnabench.harness.cli leaderboard {workspace / 'results'} --format csv | head -c 1"
+    cmd = f"{sys.executable} -m fnabench.cli.main leaderboard {workspace / 'results'} --format csv | head -c 1"
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert proc.stdout == "t" and "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
 
@@ -282,7 +282,7 @@ def test_exit_codes_tell_a_regression_from_a_mistake(workspace, tmp_path, capsys
 
 
 def test_a_bug_is_a_traceback_and_exit_3(workspace, capsys, monkeypatch):
-    import fnabench.harness.cli as cli
+    import fnabench.cli.main as cli
 
     monkeypatch.setitem(cli.COMMANDS, "list", lambda args: 1 / 0)
     code, _, err = _run(["list", "models"], capsys)
@@ -304,7 +304,7 @@ def test_one_missing_folder_level_is_made_for_outputs(workspace, tmp_path, capsy
 
 
 def test_unreadable_paths_are_one_line_and_other_os_errors_are_bugs(capsys, monkeypatch):
-    import fnabench.harness.cli as cli
+    import fnabench.cli.main as cli
 
     monkeypatch.setitem(cli.COMMANDS, "list", lambda args: Path("/no/such/file").read_text())
     code, _, err = _run(["list", "models"], capsys)

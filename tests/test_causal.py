@@ -207,7 +207,7 @@ def test_generation_with_every_token_a_landmark_equals_unpatched(make, cache):
 def test_landmark_cache_decodes_as_the_prefill_rule_would(make):
     """With landmarks fixed (the first 4 tokens), a decode step on the landmark cache gives the logits
     a prefill of the longer sequence gives at its last token: the cache keeps the prefill's rule."""
-    from fnabench.adapters.kv_cache import cache_bytes
+    from fnabench.patching.kv_cache import cache_bytes
 
     lm = make()
     ids = _ids(30)[:1]
@@ -226,7 +226,7 @@ def test_landmark_cache_decodes_as_the_prefill_rule_would(make):
 
 
 def test_padding_is_honoured_by_exact_and_refused_by_approximations():
-    from fnabench.adapters.transformers import PaddingMaskError
+    from fnabench.patching.transformers import PaddingMaskError
 
     lm = _llama()
     ids = _ids(16)
@@ -241,7 +241,7 @@ def test_padding_is_honoured_by_exact_and_refused_by_approximations():
 
 
 def test_recall_gpt2_patches_like_any_decoder():
-    from fnabench.tasks.recall.model import RecallGPT2
+    from fnabench.tasks.recall.network import RecallGPT2
 
     torch.manual_seed(0)
     model = RecallGPT2(token_dim=5, state_dim=2, n_embd=32, n_layer=2, n_head=2, n_positions=64).eval()

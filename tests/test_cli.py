@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_SWEEP
 
+from fnabench.cli.main import main
 from fnabench.harness import records as rec
-from fnabench.harness.cli import main
 from fnabench.harness.config import ConfigError, from_dict
 from fnabench.harness.runner import Runner
 

@@ -18,11 +18,11 @@ pytest.importorskip("open_clip")
 pytest.importorskip("clip_benchmark.cli")  # also needs its undeclared `requests` and pycocoevalcap
 
 from fnabench import parse_variant, patch
-from fnabench.adapters.open_clip import load_tiny
-from fnabench.harness.clip_benchmark_cli import main
-from fnabench.tasks import shapes
+from fnabench.cli.clip_benchmark_cmd import main
+from fnabench.data.generated import retrieval as shapes
+from fnabench.models.open_clip import load_tiny
 from fnabench.tasks.base import Settings, TaskError
-from fnabench.tasks.clip_benchmark import make_task
+from fnabench.tasks.clip_benchmark_task import make_task
 
 FNA = "fna:m=16,layers=-2:"  # the tiny model has 4 blocks and 8×8 + 1 = 65 tokens at 64 px
 BATCH = 8

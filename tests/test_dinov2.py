@@ -11,8 +11,8 @@ pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
 import fnabench
-from fnabench.adapters import dinov2_onnx
-from fnabench.adapters.loading import ModelLoadError
+from fnabench.models.loaded import ModelLoadError
+from fnabench.models.offline import dinov2_s as dinov2_onnx
 
 try:
     dinov2_onnx.onnx_path()

@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import TINY_SWEEP
 
+from fnabench.cli.main import main
 from fnabench.harness import claims
 from fnabench.harness import config as cfg
 from fnabench.harness import records as rec
-from fnabench.harness.cli import main
-from fnabench.harness.executor import MANIFEST, parse_executor, pending_cells, plan_jobs
+from fnabench.harness.executor import MANIFEST, pending_cells, plan_jobs
+from fnabench.harness.executor_settings import parse_executor
 from fnabench.harness.runner import cells
 
 pytest.importorskip("timm")

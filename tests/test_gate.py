@@ -9,7 +9,14 @@ import json
 import pytest
 
 from fnabench.harness import records as rec_io
-from fnabench.harness.gate import BaselineError, check, load_baseline, make_baseline, save_baseline, tolerance_warnings
+from fnabench.harness.gate import (
+    BaselineError,
+    check,
+    load_baseline,
+    make_baseline,
+    save_baseline,
+    tolerance_warnings,
+)
 from fnabench.testing import assert_no_regression, check_results, make_record
 
 FID = {"task": "fidelity:images", "primary_metric": "cosine", "higher_is_better": {"cosine": True, "rel_err": False}}

@@ -558,7 +558,7 @@ def test_committed_vqa_offline_leaderboard_regenerates_from_its_records(tmp_path
     comes from its records; every variant of its config ran, on all 200 held-out questions, and the trained
     model measures something (exact far above the 25 % chance)."""
     from fnabench.harness.config import load
-    from fnabench.harness.registry import is_causal_model
+    from fnabench.models.registry import is_causal_model
 
     records = _republished("vqa-offline", tmp_path, monkeypatch)
     config = load(Path(__file__).parent.parent / "leaderboards" / "vqa-offline" / "config.toml")

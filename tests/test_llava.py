@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("transformers")
 
 import fnabench
-from fnabench.adapters import llava
-from fnabench.adapters.kv_cache import cache_bytes
-from fnabench.tasks.vqa import scenes as sc
-from fnabench.tasks.vqa.model import TINY, save_tiny
+from fnabench.data.generated import vqa as sc
+from fnabench.models import llava
+from fnabench.models.offline.llava_shapes import TINY, save_tiny
+from fnabench.patching.kv_cache import cache_bytes
 
 N_IMAGE = TINY.image_tokens  # 16 patch tokens (17 in the tower with CLS)
 

@@ -14,9 +14,9 @@ import torch
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="the vqa extra (lmms-eval) is not installed")
 
-from fnabench.adapters import llava  # noqa: E402
-from fnabench.tasks.lmms import task_folder  # noqa: E402
-from fnabench.tasks.vqa.model import save_tiny  # noqa: E402
+from fnabench.models import llava  # noqa: E402
+from fnabench.models.offline.llava_shapes import save_tiny  # noqa: E402
+from fnabench.tasks.lmms_task import task_folder  # noqa: E402
 
 TASK = "fnabench_shapes_vqa"
 
@@ -114,9 +114,9 @@ def test_an_lmms_cell_records_prefill_flops_ttft_kv_cache_and_decode_rate(tiny_d
 
 
 def test_an_lmms_cell_refuses_a_model_that_is_not_llava():
-    from fnabench.adapters.loading import LoadedModel
+    from fnabench.models.loaded import LoadedModel
     from fnabench.tasks.base import Settings, TaskError
-    from fnabench.tasks.lmms import make_task
+    from fnabench.tasks.lmms_task import make_task
 
     task = make_task(TASK)
     with pytest.raises(TaskError, match="needs a LLaVA-family model"):

@@ -21,7 +21,8 @@ from mmengine.runner import Runner
 import fnabench
 from fnabench._errors import UserError
 from fnabench.adapters import mmseg as adapter
-from fnabench.tasks.mmseg_task import _build_segmentor, _config, _slug, resolve_config
+from fnabench.models.mmseg import _build_segmentor, _config, resolve_config
+from fnabench.tasks.mmseg_task import _slug
 from fnabench.variants import SpecError
 
 STOCK = "vit/vit_deit-s16_upernet_8xb2-80k_ade20k-512x512"
@@ -247,8 +248,8 @@ def test_an_mmseg_model_with_a_stock_backbone_runs_as_a_harness_cell(tmp_path):
 
 
 def test_unknown_config_is_one_line_naming_what_is_accepted():
-    from fnabench.harness.registry import make_task
     from fnabench.tasks.base import TaskError
+    from fnabench.tasks.registry import make_task
 
     with pytest.raises(TaskError, match="synthetic-dinov2s-linear"):
         make_task("mmseg:no/such/config")
@@ -259,8 +260,9 @@ def test_unknown_config_is_one_line_naming_what_is_accepted():
 @pytest.mark.slow
 def test_the_trained_offline_head_segments_far_above_chance(tmp_path):
     """The shipped head on the frozen real DINOv2-S, on 6 test images at 448 px, with exact attention."""
-    from fnabench.harness.registry import load_model, make_task
+    from fnabench.models.registry import load_model
     from fnabench.tasks.base import Settings
+    from fnabench.tasks.registry import make_task
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     task = make_task("mmseg:synthetic-dinov2s-linear", {"work_dir": str(tmp_path)})

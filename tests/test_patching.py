@@ -127,7 +127,7 @@ def test_unsupported_model_names_classes():
 
 
 def test_transformers_interface_and_swap_routes_agree(monkeypatch):
-    import fnabench.adapters.transformers as hf
+    import fnabench.patching.transformers as hf
 
     model = _hf_clip()
     x = torch.randn(2, 3, 32, 32)

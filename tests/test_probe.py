@@ -10,15 +10,10 @@ import torch
 from PIL import Image
 
 import fnabench
+from fnabench.data.labelled import load_folder, load_split, stratified_split, stratified_subset
+from fnabench.models.linear_probe import fit_linear_probe
 from fnabench.tasks.base import Settings, TaskError
-from fnabench.tasks.datasets import load_folder, load_split, stratified_split, stratified_subset
-from fnabench.tasks.probe import (
-    fit_linear_probe,
-    knn_votes,
-    make_knn_task,
-    make_linear_task,
-    topk_accuracy,
-)
+from fnabench.tasks.probe import knn_votes, make_knn_task, make_linear_task, topk_accuracy
 
 # ---------------------------------------------------------------------------------------------
 # pure parts
@@ -168,7 +163,7 @@ def test_bad_names_and_options():
 def tiny():
     pytest.importorskip("timm")
     pytest.importorskip("sklearn")
-    from fnabench.adapters.timm import load_tiny
+    from fnabench.models.timm import load_tiny
 
     return load_tiny("vit", image_size=32)
 
@@ -206,8 +201,8 @@ def test_task_limit_option_overrides_sweep_limit(tiny):
 def dinov2_56():
     pytest.importorskip("onnx")
     pytest.importorskip("sklearn")
-    from fnabench.adapters import dinov2_onnx
-    from fnabench.adapters.loading import ModelLoadError
+    from fnabench.models.loaded import ModelLoadError
+    from fnabench.models.offline import dinov2_s as dinov2_onnx
 
     try:
         return dinov2_onnx.load_model("dinov2-s", image_size=56)
@@ -229,7 +224,7 @@ def test_real_dinov2_knn_fna_all_landmarks_equals_exact(dinov2_56):
 
 
 def test_offline_images_are_named_by_source_and_stem():
-    from fnabench.tasks.images import offline_images
+    from fnabench.data.images import offline_images
 
     images = offline_images("images")
     names = [name for name, _ in images]

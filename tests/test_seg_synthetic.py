@@ -11,7 +11,7 @@ pytest.importorskip("skimage", reason="textures come from scikit-image's sample 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from fnabench.tasks import seg_synthetic
+from fnabench.data.generated import segmentation as seg_synthetic
 from fnabench.tasks.base import TaskError
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fnabench
-from fnabench.harness.registry import load_model
+from fnabench.models.registry import load_model
 from fnabench.variants import SpecError, parse_variant
 from fnabench.variants.tome import merge, plan_merge, unmerge
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fnabench.cli.main import main
 from fnabench.harness import records as rec
-from fnabench.harness.cli import main
 from fnabench.harness.tune import REPORT_FILE, TUNE_FILE, Point, State, load_spec, render_report, state_from_records
 
 pytest.importorskip("timm")

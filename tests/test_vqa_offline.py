@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from fnabench.tasks.vqa import scenes as sc
-from fnabench.tasks.vqa import train as tr
-from fnabench.tasks.vqa.lmms_tasks import DATA
-from fnabench.tasks.vqa.model import IMAGE, TINY, build_model, build_processor
+from fnabench.data.generated import vqa as sc
+from fnabench.models.offline import llava_shapes_training as tr
+from fnabench.models.offline.llava_shapes import IMAGE, TINY, build_model, build_processor
+from fnabench.tasks.lmms_tasks import DATA
 
 
 def test_scenes_are_seeded_and_their_answers_are_drawn():
@@ -37,7 +37,7 @@ def test_scenes_are_seeded_and_their_answers_are_drawn():
 
 def test_the_shipped_task_file_is_the_generators_and_balanced():
     docs = [json.loads(line) for line in DATA.read_text().splitlines()]
-    assert docs == json.loads(json.dumps(sc.test_docs()))  # regenerate with fnabench.tasks.vqa.lmms_tasks.write_data
+    assert docs == json.loads(json.dumps(sc.test_docs()))  # regenerate with fnabench.tasks.lmms_tasks.write_data
     per = Counter((d["kind"], d["answer"]) for d in docs)
     assert len(docs) == 200 and all(12 <= n <= 13 for n in per.values()) and len(per) == 16
     assert [d["kind"] for d in docs[:4]] == list(sc.KINDS)  # interleaved: any --limit sees every kind

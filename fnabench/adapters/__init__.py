@@ -4,6 +4,6 @@ Host libraries are imported only inside their adapter, and an adapter is consult
 host library is already imported (a model of that library cannot exist otherwise).
 """
 
-from .core import AlreadyPatchedError, PatchHandle, UnsupportedModelError, patch
+from fnabench.patching.core import AlreadyPatchedError, PatchHandle, UnsupportedModelError, patch
 
 __all__ = ["AlreadyPatchedError", "PatchHandle", "UnsupportedModelError", "patch"]

@@ -35,11 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import UserError
-from .._extras import require
-from ..variants import SpecError, parse_variant
-from .core import PatchHandle, patch
-from .loading import LoadedModel, ModelLoadError, describe_load_failure
+from fnabench._errors import UserError
+from fnabench._extras import MissingExtraError, require
+from fnabench._version import __version__
+from fnabench.models.loaded import LoadedModel, ModelLoadError, describe_load_failure
+from fnabench.patching.core import PatchHandle, UnsupportedModelError, patch
+from fnabench.variants import SpecError, parse_variant
 
 MODEL_TYPE = "fnabench"
 TASK_TYPES = ("zeroshot_retrieval", "zeroshot_classification")
@@ -381,8 +382,6 @@ def _run_wrapper(original: Callable[[argparse.Namespace], Any]) -> Callable[[arg
 
 
 def _dump_extra() -> dict:
-    from .. import __version__
-
     if _CURRENT is None:
         return {}
     variant = parse_variant(_CURRENT.variant)
@@ -392,9 +391,7 @@ def _dump_extra() -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLIP_benchmark's CLI (``eval``, ``build``) plus ``--model_type fnabench``; the console script is
-    ``fnabench.harness.clip_benchmark_cli:main``, which also lets ``--model`` take fnabench model names."""
-    from .._extras import MissingExtraError
-    from .core import UnsupportedModelError
+    ``fnabench.cli.clip_benchmark_cmd:main``, which also lets ``--model`` take fnabench model names."""
 
     try:
         cli = require("clip_benchmark.cli")

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .._extras import require
-from . import llava
-from .core import patch
+from fnabench._extras import require
+from fnabench.models import llava
+from fnabench.patching.core import patch
 
 logger = logging.getLogger("fnabench")
 lmms_base = require("lmms_eval.api.model").lmms

@@ -14,7 +14,7 @@ Importing this module registers, in mmseg's registries:
 - ``LinearBNHead`` (MODELS): DINOv2's linear head (BatchNorm, then a 1×1 convolution) for mmseg 1.x, with
   DINOv2's parameter names (``bn``, ``conv_seg``), so its published linear heads load;
 - ``SyntheticTexturesDataset`` (DATASETS): the offline textured-shapes set of
-  :mod:`fnabench.tasks.seg_synthetic`, generated on first use.
+  :mod:`fnabench.data.generated.segmentation`, generated on first use.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from mmseg.datasets import BaseSegDataset
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.registry import DATASETS, HOOKS, MODELS
 
-from .._errors import UserError
-from ..tasks import seg_synthetic
-from .core import _num_prefix, find_blocks, patch, restore_tokens
+from fnabench._errors import UserError
+from fnabench.data.generated import segmentation as seg_synthetic
+from fnabench.models.registry import load_model
+from fnabench.patching.core import _num_prefix, find_blocks, patch, restore_tokens
+from fnabench.variants import parse_variant
 
 # ---------------------------------------------------------------------------------------------
 # the hook
@@ -55,8 +57,6 @@ class FNAPatchHook(Hook):
 
     def __init__(self, variant: str = "fna:m=64", target: str = "backbone",
                  phases: Sequence[str] = ("val", "test")) -> None:
-        from ..variants import parse_variant
-
         self.variant = parse_variant(variant)  # a bad spec fails when the config is built, in one line
         self.target = target
         unknown = set(phases) - {"val", "test"}
@@ -139,7 +139,6 @@ class FnabenchBackbone(BaseModule):
                  out_indices: Sequence[int] = (-1,), final_norm: bool = True, cls_token: bool = False,
                  frozen: bool = True, cache_features: bool = False, init_cfg=None) -> None:
         super().__init__(init_cfg)
-        from ..harness.registry import load_model
 
         loaded = _SERVED.get(model) or load_model(model, image_size=image_size)
         self.name = model

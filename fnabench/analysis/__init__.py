@@ -6,8 +6,8 @@ activations, Sun et al. 2024).
 command writes their figures, JSON and CSV, and stores harness records for a leaderboard.
 """
 
-from .analyze import analyze
-from .capture import AnalysisInputError, attention_received
-from .report import KINDS, Report, Thresholds
+from fnabench.analysis.analyze import analyze
+from fnabench.analysis.capture import AnalysisInputError, attention_received
+from fnabench.analysis.report import KINDS, Report, Thresholds
 
 __all__ = ["KINDS", "AnalysisInputError", "Report", "Thresholds", "analyze", "attention_received"]

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters.loading import LoadedModel
-from .analyze import analyze, cos_sim
-from .capture import AnalysisInputError
-from .report import KINDS, Report, Thresholds
+from fnabench.analysis.analyze import analyze, cos_sim
+from fnabench.analysis.capture import AnalysisInputError
+from fnabench.analysis.report import KINDS, Report, Thresholds
+from fnabench.models.loaded import LoadedModel
 
 #: what ``--ablate`` removes: a norm-detected kind, or (decoders) the first token by position
 ABLATE_KINDS = ("massive", "artifact", "first")

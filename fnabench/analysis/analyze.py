@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.loading import LoadedModel
-from .capture import AnalysisInputError, watch
-from .report import Report, Thresholds
+from fnabench.analysis.capture import AnalysisInputError, watch
+from fnabench.analysis.report import Report, Thresholds
+from fnabench.models.loaded import LoadedModel
 
 
 def _as_batchable(model: nn.Module | LoadedModel, inputs: Any) -> tuple[torch.Tensor | list, list[str]]:

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._errors import UserError
-from ..adapters.core import Site, patch
-from ..variants import parse_variant
-from ..variants.mask import key_keep_mask
-from ..variants.variant import _applies
+from fnabench._errors import UserError
+from fnabench.patching.core import Site, patch
+from fnabench.variants import parse_variant
+from fnabench.variants.mask import key_keep_mask
+from fnabench.variants.variant import _applies
 
 #: largest activations kept per residual state and image (value, token, feature dimension)
 TOP_K = 16

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .._extras import require
-from .report import Report
+from fnabench._extras import require
+from fnabench.analysis.report import Report
 
 
 def _plt():

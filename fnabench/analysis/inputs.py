@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.loading import LoadedModel
-from .capture import AnalysisInputError
+from fnabench.analysis.capture import AnalysisInputError
+from fnabench.data.images import offline_images
+from fnabench.models.loaded import LoadedModel
+from fnabench.tasks.recall.queries import iter_examples
+from fnabench.tasks.recall.systems import make_corpus
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 NAMED_SOURCES = ("packaged", "synthetic")
@@ -52,7 +55,6 @@ def image_inputs(sources: list[str] | None, limit: int | None = None) -> Inputs:
     """``sources`` (default ``packaged``) as named PIL images, the first ``limit`` of them."""
     from PIL import Image
 
-    from ..tasks.images import offline_images
 
     sources = list(sources or ["packaged"])
     if len(sources) == 1 and sources[0] in NAMED_SOURCES:
@@ -80,8 +82,6 @@ def recall_inputs(loaded: LoadedModel, examples: int = 16, traces: int = 4, limi
     """Evaluation-query sequences of a recall GPT-2 (``recall:...``), built from its run's own validation systems."""
     import torch
 
-    from ..tasks.recall.queries import iter_examples
-    from ..tasks.recall.systems import make_corpus
 
     config = loaded.extra.get("config")
     if config is None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .report import SHARE_SETS, Report
+from fnabench.analysis import figures as fig
+from fnabench.analysis.report import SHARE_SETS, Report
 
 
 def _atomic(path: Path, text: str) -> Path:
@@ -108,8 +109,6 @@ def write_report(report: Report, out: Path, *, full: bool = True, figures: bool 
         np.savez_compressed(out / "arrays.npz", **arrays)
         written.append(out / "arrays.npz")
     if figures:
-        from . import figures as fig
-
         written += [fig.norms_by_layer(report, out / "norms_by_layer.png"),
                     fig.token_norms(report, out / "token_norms.png", images),
                     fig.sink_share(report, out / "sink_share.png")]
@@ -127,7 +126,6 @@ def write_ablation(ablation, out: Path, *, figures: bool = True, images: list | 
     written = [write_json(out / f"{stem}.json", ablation.summary()),
                write_csv(out / f"{stem}.csv", ablation.per_layer())]
     if figures and ablation.masked_layers.size:  # an ablation that removed nothing has nothing to draw
-        from . import figures as fig
 
         written.append(fig.ablation(ablation, out / f"{stem}.png"))
         maps = fig.ablation_maps(ablation, out / f"{stem}-maps.png", images)

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from fnabench.analysis.capture import AnalysisInputError
+
 #: kinds a listed token can have
 KINDS = ("massive", "artifact", "sink", "CLS", "register")
 #: token sets whose attention share is reported per layer and head
@@ -50,8 +52,6 @@ class Thresholds:
     stable: float = 0.9
 
     def check(self) -> Thresholds:
-        from .capture import AnalysisInputError
-
         if not 1 <= self.artifact_ratio <= self.massive_ratio:
             raise AnalysisInputError(f"ratios: need 1 <= artifact ratio ({self.artifact_ratio}) <= massive ratio "
                                      f"({self.massive_ratio})")

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from .report import Report
+from fnabench.analysis.ablation import ABLATE_KINDS, ACTIONS
+from fnabench.analysis.report import Report
 
 PRIMARY = "cos_sim"
 DIRECTIONS = {"cos_sim": True, "cos_sim_min": True}
@@ -177,8 +178,6 @@ def tables(records: list[dict[str, Any]], figures: Callable[[dict], list[str]] |
 
 
 def _ablation_order(record: dict) -> tuple:
-    from .ablation import ABLATE_KINDS, ACTIONS
-
     ab = record["analysis"]["ablation"]
     return (ABLATE_KINDS.index(ab["kind"]) if ab["kind"] in ABLATE_KINDS else len(ABLATE_KINDS),
             ACTIONS.index(ab["action"]) if ab["action"] in ACTIONS else len(ACTIONS), record["variant"])

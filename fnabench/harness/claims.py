@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .records import now
+from fnabench.harness.records import now
 
 CLAIMS_DIR = ".claims"
 HEARTBEAT_S = 30.0

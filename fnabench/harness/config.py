@@ -15,10 +15,15 @@ from typing import Any
 
 import torch
 
-from .._errors import UserError
-from .._extras import MissingExtraError
-from ..variants import SpecError, parse_variant
-from .registry import MODELS, RegistryError, expand_variant, make_task
+from fnabench._errors import ConfigError
+from fnabench._extras import MissingExtraError
+from fnabench._registry import RegistryError
+from fnabench.harness.executor_settings import parse_executor
+from fnabench.models.registry import MODELS
+from fnabench.tasks.base import TaskError
+from fnabench.tasks.registry import make_task
+from fnabench.variants import SpecError, parse_variant
+from fnabench.variants.presets import expand_variant
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,10 +32,6 @@ else:  # pragma: no cover - Python 3.10
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_CONFIG = "default_sweep.toml"
-
-
-class ConfigError(UserError, ValueError):
-    """A sweep config that cannot run; one line naming what is wrong and what is accepted."""
 
 
 @dataclass
@@ -159,8 +160,6 @@ def validate(config: SweepConfig, where: str = "", *, here: bool = True) -> Swee
     the task declares. What needs a loaded model (layer ranges against its depth, image sizes it
     can take) is checked by the runner's preflight, still before any cell runs.
     """
-    from ..tasks.base import TaskError
-
     _check_types(config, where)
     if not config.models:
         raise ConfigError(f"{where}no models; set models = [...], e.g. 'tiny:vit' or 'timm:vit_base_patch16_224'")
@@ -189,7 +188,6 @@ def validate(config: SweepConfig, where: str = "", *, here: bool = True) -> Swee
             raise ConfigError(f"{where}{err}") from None
     if config.dtype not in DTYPES:
         raise ConfigError(f"{where}unknown dtype {config.dtype!r}; accepted: {', '.join(DTYPES)}")
-    from .executor import parse_executor
 
     try:
         executor = parse_executor(config.executor)

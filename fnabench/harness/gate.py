@@ -25,9 +25,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .._errors import UserError
-from .leaderboard import exact_references, fmt_number, reference_key, speedup
-from .records import latest_by_cell, write_text_atomic
+from fnabench._errors import UserError
+from fnabench.harness.leaderboard import exact_references, fmt_number, reference_key, speedup
+from fnabench.harness.records import latest_by_cell, write_text_atomic
 
 BASELINE_FORMAT = 2
 _READS_FORMATS = (1, 2)  # format 1 had no timing spread: its speed ratios are judged by the tolerance alone

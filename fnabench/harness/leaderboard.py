@@ -26,9 +26,10 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .._errors import UserError
-from ..variants import SpecError, parse_variant
-from .records import latest_by_cell
+from fnabench._errors import UserError
+from fnabench._extras import require
+from fnabench.harness.records import latest_by_cell
+from fnabench.variants import SpecError, parse_variant
 
 #: the canonical reference variant; any "exact:..." variant without "+" also counts as exact
 EXACT_REFERENCE = "exact:impl=sdpa"
@@ -580,8 +581,6 @@ def plot(records: Iterable[dict], out_stem: str | Path) -> list[Path]:
     """Write accuracy(primary)-vs-GFLOPs PNG and SVG: ``STEM.png/.svg`` with one panel per task, and
     ``STEM-<task>.png/.svg`` per task when there are several; one marker per model, variants labelled,
     the Pareto front as a step line. Needs matplotlib (Agg, no pyplot state touched)."""
-    from fnabench._extras import require
-
     require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -13,9 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import tomllib
-from .leaderboard import EXACT_REFERENCE, build_tables, plot, render
-from .records import RecordError, latest_by_cell, output_path, require_records, write_record
+from fnabench.harness.config import tomllib
+from fnabench.harness.leaderboard import EXACT_REFERENCE, build_tables, plot, render
+from fnabench.harness.records import RecordError, latest_by_cell, output_path, require_records, write_record
 
 PLOT_STEM = "plot"
 DESCRIPTION = "description.md"

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .._errors import UserError
+from fnabench._errors import UserError
 
 SCHEMA_VERSION = 1
 

@@ -21,17 +21,18 @@ from typing import Any
 
 import torch
 
-from ..adapters import UnsupportedModelError, patch
-from ..adapters.kv_cache import cache_bytes
-from ..adapters.loading import ModelInputError, set_offline
-from ..measure import count_flops, measure_interleaved, peak_memory
-from ..tasks.base import Settings
-from ..variants import SpecError, Variant, parse_variant
-from . import claims
-from . import records as rec
-from .config import ConfigError, SweepConfig
-from .leaderboard import EXACT_REFERENCE, paired_speedup
-from .registry import is_causal_model, load_model, make_task
+from fnabench.adapters import UnsupportedModelError, patch
+from fnabench.harness import claims
+from fnabench.harness import records as rec
+from fnabench.harness.config import ConfigError, SweepConfig
+from fnabench.harness.leaderboard import EXACT_REFERENCE, paired_speedup
+from fnabench.measure import _sync, count_flops, measure_interleaved, peak_memory
+from fnabench.models.loaded import ModelInputError, set_offline
+from fnabench.models.registry import is_causal_model, load_model
+from fnabench.patching.kv_cache import cache_bytes
+from fnabench.tasks.base import Settings
+from fnabench.tasks.registry import make_task
+from fnabench.variants import SpecError, Variant, parse_variant
 
 
 @dataclass
@@ -422,7 +423,6 @@ def _decode_rate(decoder, token: torch.Tensor, cache) -> float:
     """Tokens per second of single-token decoding steps on ``cache``: 1 / the median step time."""
     import statistics
 
-    from ..measure import _sync
 
     device = token.device
     times = []

@@ -13,9 +13,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._errors import EXIT_FOUND, EXIT_OK
-from . import claims
-from . import records as rec
+from fnabench._errors import EXIT_FOUND, EXIT_OK
+from fnabench.harness import claims
+from fnabench.harness import config as cfg
+from fnabench.harness import records as rec
+from fnabench.harness.executor import JOBS_DIR, MANIFEST
+from fnabench.harness.executor_settings import parse_executor
+from fnabench.harness.runner import cell_label, cells
 
 STATES = ("done", "failed", "running", "missing")
 
@@ -37,8 +41,6 @@ def _record_label(r: dict) -> str:
 
 def _submissions(results: Path) -> dict[str, str]:
     """Cell id → the job it was last submitted in (from RESULTS/.jobs/submitted.jsonl)."""
-    from .executor import JOBS_DIR, MANIFEST
-
     path = results / JOBS_DIR / MANIFEST
     out: dict[str, str] = {}
     if not path.is_file():
@@ -60,8 +62,6 @@ def collect(results: str | Path, config=None, *, stale_after: float = claims.STA
     held = claims.list_claims(results)
     queued = _submissions(results)
     if config is not None:
-        from .runner import cell_label, cells
-
         grid = {c.id: cell_label(c) for c in cells(config)}
     else:
         grid = {rid: _record_label(r) for rid, r in records.items()}
@@ -107,8 +107,6 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> int:
-    from . import config as cfg
-    from .executor import parse_executor
 
     results = Path(args.results)
     if not results.is_dir():

@@ -7,7 +7,7 @@ settings, metrics and what it measured), :func:`make_record` completes it into a
 folder, and :func:`publish_results` publishes that folder with :func:`fnabench.harness.publish.publish`.
 
 Task suites never import the harness: the ``fnabench`` command hands this module to the suite's CLI
-(``fnabench.tasks.recall.cli.HARNESS``), as ``fnabench-clip-benchmark`` hands the model loader to its adapter.
+(``fnabench.cli.recall_cmd.HARNESS``), as ``fnabench-clip-benchmark`` hands the model loader to its adapter.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..variants import parse_variant
-from . import records as rec
-from .publish import publish
-from .records import RecordError, output_path, read_records, require_records
+from fnabench.harness import records as rec
+from fnabench.harness.publish import publish
+from fnabench.harness.records import RecordError, output_path, read_records, require_records
+from fnabench.variants import parse_variant
 
 __all__ = ["RESULT_FIELDS", "make_record", "output_path", "publish", "publish_results", "read_records",
            "require_records", "store"]

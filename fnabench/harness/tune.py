@@ -26,8 +26,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._errors import EXIT_FOUND, EXIT_OK, UserError
-from . import records as rec
+from fnabench._errors import EXIT_FOUND, EXIT_OK, UserError
+from fnabench.adapters import patch
+from fnabench.harness import records as rec
+from fnabench.harness.config import SweepConfig, tomllib
+from fnabench.harness.config import validate as validate_config
+from fnabench.harness.leaderboard import pareto_front, standard_error
+from fnabench.harness.runner import Runner, cells
+from fnabench.measure import count_flops
+from fnabench.models.registry import is_causal_model
+from fnabench.patching.core import find_blocks
+from fnabench.tasks.registry import make_task
+from fnabench.variants import SpecError, parse_variant
+from fnabench.variants.presets import expand_variant
+from fnabench.variants.spec import COMPONENTS
 
 TUNE_FILE = "tune.toml"
 REPORT_FILE = "description.md"
@@ -119,8 +131,6 @@ def _toml(value: Any) -> str:
 
 def load_spec(path: str | Path) -> TuneSpec:
     """A :class:`TuneSpec` from a ``tune.toml``."""
-    from .config import tomllib
-
     try:
         data = tomllib.loads(Path(path).read_text())
     except tomllib.TOMLDecodeError as err:
@@ -134,8 +144,6 @@ def load_spec(path: str | Path) -> TuneSpec:
 
 
 def canonical(spec: str, model: str) -> str:
-    from ..variants import parse_variant
-    from .registry import expand_variant, is_causal_model
 
     variant = parse_variant(expand_variant(spec))
     return (variant.for_causal() if is_causal_model(model) else variant).canonical
@@ -146,15 +154,11 @@ def canonical(spec: str, model: str) -> str:
 
 
 def _fna_choices(key: str) -> list[str]:
-    from ..variants.spec import COMPONENTS
-
     return [c.strip() for c in COMPONENTS["fna"][key].accepts.split("|")]
 
 
 def validate(spec: TuneSpec) -> TuneSpec:
     """Every name and value checked now, one line each: the sweep-level ones by the sweep config's own checks."""
-    from ..variants import SpecError
-    from .registry import is_causal_model
 
     if not (isinstance(spec.budget, (int, float)) and math.isfinite(spec.budget) and spec.budget >= 0):
         raise TuneError(f"--budget {spec.budget!r}: accepted: a number >= 0, in the task's primary metric's units "
@@ -194,8 +198,6 @@ def _sweep(spec: TuneSpec, variants: list[str], task: str, limit: int | None, op
     Proxy cells are timed in one round without warm-up: their speed is not what they are for, and timing
     would otherwise cost more than the proxy itself (timing is not part of a cell's identity).
     """
-    from .config import SweepConfig
-    from .config import validate as validate_config
 
     proxy = task == spec.proxy
     config = SweepConfig(name="tune", models=[spec.model], variants=variants, tasks=[task],
@@ -250,8 +252,6 @@ class State:
 
     def proxy_front(self) -> list[Point]:
         """The candidates no cheaper-or-equal candidate beats on the proxy, cheapest first."""
-        from .leaderboard import pareto_front
-
         cands = self.candidates()
         on = pareto_front([(p.gflops, p.proxy) for p in cands], self.proxy_higher)
         return sorted((p for p, keep in zip(cands, on, strict=True) if keep), key=lambda p: (p.gflops, p.variant))
@@ -295,8 +295,6 @@ class _Session:
         self._models: dict[tuple, Any] = {}
 
     def runner(self, config):
-        from .runner import Runner
-
         models = self._models
 
         class _Cached(Runner):
@@ -313,8 +311,6 @@ class _Session:
         return self.runner(config).run()
 
     def cell_ids(self, variants: list[str], task: str, limit: int | None, options: dict) -> dict[str, str]:
-        from .runner import cells
-
         config = _sweep(self.spec, variants, task, limit, options, self.out)
         return {c.id: c.variant for c in cells(config)}
 
@@ -323,7 +319,6 @@ def _primary(records: list[dict], fallback_task: str, options: dict) -> tuple[st
     for r in records:
         if r["status"] == "ok" and r["primary_metric"]:
             return r["primary_metric"], bool(r["higher_is_better"].get(r["primary_metric"], True))
-    from .registry import make_task
 
     task = make_task(fallback_task, options)
     return task.primary, bool(task.higher_is_better.get(task.primary, True))
@@ -331,8 +326,6 @@ def _primary(records: list[dict], fallback_task: str, options: dict) -> tuple[st
 
 def state_from_records(spec: TuneSpec, records: list[dict]) -> tuple[State, dict]:
     """The search state the records of a tune give (no model needed): used to search and to report."""
-    from .runner import cells
-
     def ids(task: str, limit: int | None, options: dict) -> dict[str, str]:
         config = _sweep(spec, [EXACT, spec.default, *spec.grid()], task, limit, options, Path("."))
         return {c.id: c.variant for c in cells(config)}
@@ -371,8 +364,6 @@ class TuneOutcome:
 
 
 def _resolve_blocks(spec: TuneSpec, loaded) -> None:
-    from ..adapters.core import find_blocks
-
     depth = len(find_blocks(loaded.model, "image")) or len(find_blocks(loaded.model, "text"))
     if not spec.blocks:
         spec.blocks = ["all"] + [str(k) for k in dict.fromkeys((depth * 3 // 4, depth // 2, depth // 4)) if k >= 1]
@@ -404,10 +395,6 @@ def tune(spec: TuneSpec, out: str | Path, *, quiet: bool = False,
     """Run (or resume) the search of ``spec`` into the results folder ``out``; see the module docstring."""
     import torch
 
-    from ..adapters import patch
-    from ..measure import count_flops
-    from .registry import make_task
-    from .runner import cells
 
     out = Path(out)
     validate(spec)
@@ -484,8 +471,6 @@ def _fmt(x: float | None, digits: int = 4, sign: bool = False) -> str:
 
 
 def _label(variant: str, model: str) -> str:
-    from ..variants import parse_variant
-    from .registry import is_causal_model
 
     return parse_variant(variant).label(causal=is_causal_model(model))
 
@@ -496,8 +481,6 @@ def _short(p: Point) -> str:
 
 def render_report(spec: TuneSpec, state: State, names: dict[str, str]) -> str:
     """The tune's Markdown report from its state alone (so the published folder can be checked against its records)."""
-    from .leaderboard import pareto_front, standard_error
-
     metric, proxy_metric = names["task_metric"], names["proxy_metric"]
     exact = state.points.get(state.exact)
     grid = spec.grid()
@@ -583,8 +566,6 @@ def _str_list(text: str) -> list[str]:
 
 
 def _options(items: list[str]) -> dict[str, Any]:
-    from .config import tomllib
-
     out: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")

@@ -10,12 +10,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .._errors import UserError
-from ..adapters.loading import LoadedModel
-
-
-class TaskError(UserError, ValueError):
-    """A task that cannot run as asked (unknown dataset, bad option); one line saying what is accepted."""
+from fnabench._errors import TaskError
+from fnabench.models.loaded import LoadedModel
 
 
 @dataclass(frozen=True)

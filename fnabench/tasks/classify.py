@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters.loading import Classifier, LoadedModel
-from . import shape_classes
-from .base import FOLDER, TEXT, Option, Settings, TaskError, check_options, positive_int
-from .datasets import IMAGE_SUFFIXES, open_image, stratified_subset
-from .imagenet import ClassMap, read_real_labels, val_number
-from .webdataset import read_samples, shard_paths
+from fnabench.data.generated import classification as shape_classes
+from fnabench.data.label_map import ClassMap, read_real_labels, val_number
+from fnabench.data.labelled import IMAGE_SUFFIXES, open_image, stratified_subset
+from fnabench.data.webdataset import read_samples, shard_paths
+from fnabench.models.loaded import Classifier, LoadedModel
+from fnabench.tasks.base import FOLDER, TEXT, Option, Settings, TaskError, check_options, positive_int
 
 SOURCES = ("folder", "wds", "shapes")
 TOPK = (1, 5)

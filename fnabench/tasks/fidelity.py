@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..adapters.core import find_blocks, restore_tokens
-from ..adapters.loading import LoadedModel
-from .base import FLAG, Settings, TaskError, check_options, embed_all, positive_int
-from .images import offline_images
+from fnabench.data.images import offline_images
+from fnabench.models.loaded import LoadedModel
+from fnabench.patching.core import find_blocks, restore_tokens
+from fnabench.tasks.base import FLAG, Settings, TaskError, check_options, embed_all, positive_int
 
 
 @dataclass

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..adapters.loading import LoadedModel
-from .base import FOLDER, Option, Settings, TaskError, batches, check_options, number, positive_int
-from .datasets import DATASETS, Item, LabelledSplit, load_split, open_image
+from fnabench.data.labelled import DATASETS, Item, LabelledSplit, load_split, open_image
+from fnabench.models.linear_probe import fit_linear_probe
+from fnabench.models.loaded import LoadedModel
+from fnabench.tasks.base import FOLDER, Option, Settings, TaskError, batches, check_options, number, positive_int
 
 # ---------------------------------------------------------------------------------------------
 # classifiers on features (pure tensor functions)
@@ -44,40 +45,8 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).sum().item() / max(len(labels), 1) for k in ks}
 
 
-@dataclass
-class LinearProbe:
-    """A fitted multinomial logistic regression on standardised features."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    weight: torch.Tensor  # [D, C]
-    bias: torch.Tensor  # [C]
-
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, C] logits."""
-        return ((x.double() - self.mean) / self.std) @ self.weight + self.bias
 
 
-def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3,
-                     max_iter: int = 100) -> LinearProbe:
-    """Minimise mean cross-entropy + weight_decay/2 · ‖W‖² from zeros with L-BFGS (convex, so deterministic)."""
-    x = x.double()
-    mean, std = x.mean(dim=0), x.std(dim=0, correction=0).clamp(min=1e-6)  # as StandardScaler
-    z = (x - mean) / std
-    weight = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ weight + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return LinearProbe(mean, std, weight.detach(), bias.detach())
 
 
 # ---------------------------------------------------------------------------------------------

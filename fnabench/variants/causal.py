@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from .pinv import work_dtype
+from fnabench.variants.pinv import work_dtype
 
 #: lower-triangular inverses of A accepted on causal attention
 CAUSAL_INVERSES = ("ridge", "exact", "newton")

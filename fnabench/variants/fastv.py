@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .flow import TokenFlow
+from fnabench.variants.flow import TokenFlow
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .spec import Component
-from .tome import merge, plan_merge, unmerge
+from fnabench.variants.spec import Component
+from fnabench.variants.tome import merge, plan_merge, unmerge
 
 
 class TokenFlow:
@@ -108,19 +108,3 @@ class ToMe(TokenFlow):
         if self.where is None or x.shape[1] == self.tokens_in:
             return x
         return unmerge(x, self.where)
-
-
-FLOWS = {"tome": ToMe}
-
-
-def flow_class(name: str) -> type[TokenFlow]:
-    """The class of the token flow ``name`` (VisionZip- and FastV-style live in their own modules)."""
-    from .fastv import FastV
-    from .visionzip import VisionZip
-
-    return {**FLOWS, "visionzip": VisionZip, "fastv": FastV}[name]
-
-
-def make_flow(component: Component, num_layers: int, num_prefix: int, state: Any = None) -> TokenFlow:
-    """The per-tower state object of the token-flow ``component``."""
-    return flow_class(component.name)(component, num_layers, num_prefix, state)

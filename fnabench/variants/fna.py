@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .pinv import pseudo_inverse, ridge_values, work_dtype
-from .threads import single_thread
+from fnabench.variants.pinv import pseudo_inverse, ridge_values, work_dtype
+from fnabench.variants.threads import single_thread
 
 
 def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .threads import single_thread
+from fnabench.variants.threads import single_thread
 
 
 def _as_batch_mask(mask: torch.Tensor | None, batch: int, num_tokens: int, device) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .landmarks import high_norm_tokens
+from fnabench.variants.landmarks import high_norm_tokens
 
 
 def detect_tokens(

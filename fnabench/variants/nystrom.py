@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fna import nystrom_core
+from fnabench.variants.fna import nystrom_core
 
 
 def segment_means(x: torch.Tensor, m: int) -> torch.Tensor:

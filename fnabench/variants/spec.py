@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from .._errors import UserError
+from fnabench._errors import UserError
 
 
 class SpecError(UserError, ValueError):

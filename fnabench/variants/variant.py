@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from . import landmarks as lm
-from .causal import causal_fna_attention, causal_order, causal_segment_attention, stride_positions
-from .exact import exact_attention, sdpa_attention
-from .fna import fna_attention
-from .mask import choose, detect_tokens, key_keep_mask, zero_values
-from .nystrom import segment_mean_attention
-from .spec import Component, SpecError, parse_flow
+from fnabench.measure import count_flops_aside
+from fnabench.variants import landmarks as lm
+from fnabench.variants.causal import causal_fna_attention, causal_order, causal_segment_attention, stride_positions
+from fnabench.variants.exact import exact_attention, sdpa_attention
+from fnabench.variants.fna import fna_attention
+from fnabench.variants.mask import choose, detect_tokens, key_keep_mask, zero_values
+from fnabench.variants.nystrom import segment_mean_attention
+from fnabench.variants.spec import Component, SpecError, parse_flow
 
 #: profiler range around every variant call; fnabench/measure.py counts FLOPs inside it as attention
 ATTENTION_RANGE = "fnabench::attention"
@@ -354,8 +355,6 @@ _PAYS: dict[tuple, bool] = {}  # fallback=auto decisions by (core, shapes, dtype
 def _counted_cost(core: Component, q, k, v, state: ForwardState, causal: bool) -> int:
     """Counted attention FLOPs of ``core`` on meta tensors shaped like q, k, v (measure.count_flops_aside);
     on the tensors themselves where a shape depends on data (the causal kernel's group widths)."""
-    from ..measure import count_flops_aside
-
     def count(like) -> int:
         probe = ForwardState(state.tower, state.num_layers, state.num_prefix, state.layer, like(state.residual),
                              causal=state.causal, only_tower=state.only_tower)

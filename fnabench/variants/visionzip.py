@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .flow import TokenFlow
-from .tome import unmerge
+from fnabench.variants.flow import TokenFlow
+from fnabench.variants.tome import unmerge
 
 
 def contextual_count(tokens: int, contextual: int | None) -> int:

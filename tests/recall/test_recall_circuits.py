@@ -12,10 +12,9 @@ import torch
 
 from fnabench.tasks.recall import rundir
 from fnabench.tasks.recall.circuits import CircuitModel, EdgeGraph
-from fnabench.tasks.recall.config import ConfigError
 from fnabench.tasks.recall.evaluate import load_checkpoint
 from fnabench.tasks.recall.interventions import patch_run, swap_batch, token_swap_patching
-from fnabench.tasks.recall.model import build_model
+from fnabench.tasks.recall.network import build_model
 from fnabench.tasks.recall.presets import get_preset
 from fnabench.tasks.recall.prune import (
     PruneSettings,
@@ -26,6 +25,7 @@ from fnabench.tasks.recall.prune import (
     prune_run,
     sample_gates,
 )
+from fnabench.tasks.recall.run_config import ConfigError
 
 pytest.importorskip("transformers")
 
@@ -42,7 +42,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from fnabench.tasks.recall.train import train
+    from fnabench.tasks.recall.training import train
 
     out = tmp_path_factory.mktemp("circuits") / "smoke"
     previous = torch.get_num_threads()
@@ -196,7 +196,7 @@ def test_patching_at_the_first_and_last_layer(run_dir):
 
 
 def test_patching_and_circuits_reach_the_report_through_records(run_dir, tmp_path):
-    from fnabench.harness.cli import main
+    from fnabench.cli.main import main
     from fnabench.harness.records import read_records
 
     pytest.importorskip("matplotlib")
@@ -226,7 +226,7 @@ def test_patching_and_circuits_reach_the_report_through_records(run_dir, tmp_pat
 
 
 def test_prune_and_patch_commands(run_dir, capsys):
-    from fnabench.tasks.recall import cli
+    from fnabench.cli import recall_cmd as cli
 
     pytest.importorskip("matplotlib")
     sizes = ["--examples", "4", "--traces", "8", "--test-examples", "3", "--test-traces", "8", "--batch", "16"]

@@ -7,12 +7,13 @@ import json
 
 import pytest
 
-from fnabench.harness.cli import main
+from fnabench.cli import recall_cmd as cli
+from fnabench.cli.main import main
 from fnabench.harness.suites import RESULT_FIELDS
-from fnabench.tasks.recall import cli, rundir
-from fnabench.tasks.recall.config import RunConfig, read_toml
+from fnabench.tasks.recall import rundir
 from fnabench.tasks.recall.presets import PRESETS, get_preset, paper_lr
-from fnabench.tasks.recall.records import records_from_run
+from fnabench.tasks.recall.run_config import RunConfig, read_toml
+from fnabench.tasks.recall.run_results import records_from_run
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")

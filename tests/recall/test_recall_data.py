@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fnabench.tasks.recall.baselines import least_squares_errors, least_squares_predictions, zero_errors
-from fnabench.tasks.recall.config import ConfigError, DataConfig, EvalConfig
 from fnabench.tasks.recall.queries import build_example, layout_positions
+from fnabench.tasks.recall.run_config import ConfigError, DataConfig, EvalConfig
 from fnabench.tasks.recall.systems import haar_orthogonal, make_corpus, make_systems
 from fnabench.tasks.recall.tokens import LABEL_VALUE, TokenLayout
 from fnabench.tasks.recall.traces import (

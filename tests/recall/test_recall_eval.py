@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from fnabench.tasks.recall.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from fnabench.tasks.recall.evaluate import emergence, evaluate_model, summarize
 from fnabench.tasks.recall.metrics import first_below, k_after, position_errors, quartiles, stays_below
+from fnabench.tasks.recall.run_config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from fnabench.tasks.recall.tokens import TokenLayout
 
 

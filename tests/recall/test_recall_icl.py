@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from fnabench.tasks.recall.config import ConfigError
 from fnabench.tasks.recall.icl import (
     build_prompt,
     checkpoint_step,
@@ -18,6 +17,7 @@ from fnabench.tasks.recall.icl import (
     scoring_positions,
     sweep,
 )
+from fnabench.tasks.recall.run_config import ConfigError
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,7 +130,7 @@ def test_icl_over_local_toy_checkpoints_gives_first_and_second_token_curves(tmp_
     """The offline OLMo experiment: a toy transliteration LM trained here, saved every 50 steps, swept by the same
     command a hub model's revisions go through; the curves are learned, not random; the sweep resumes."""
     pytest.importorskip("matplotlib")
-    from fnabench.harness.cli import main
+    from fnabench.cli.main import main
     from fnabench.tasks.recall.icl_toy import ToySettings, train_toy_lm, transliterate
 
     previous = torch.get_num_threads()
@@ -218,7 +218,7 @@ def test_evict_deletes_only_the_measured_revision(monkeypatch):
 
 
 def test_icl_config_file_and_bad_keys(tmp_path, capsys):
-    from fnabench.tasks.recall import cli
+    from fnabench.cli import recall_cmd as cli
 
     config = tmp_path / "icl.toml"
     config.write_text('[icl]\nmodel = "org/m"\ntask = "t.json"\nbatchsize = 3\n')

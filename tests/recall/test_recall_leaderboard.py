@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from fnabench.harness.cli import main
+from fnabench.cli import recall_cmd as recall_cli
+from fnabench.cli.main import main
 from fnabench.harness.records import RecordError, read_records
 from fnabench.harness.suites import make_record
-from fnabench.tasks.recall import cli as recall_cli
-from fnabench.tasks.recall.records import runs_from_records
-from fnabench.tasks.recall.report import INTERVENTION_FILES, REPORT_FILES, report_files
+from fnabench.tasks.recall.run_results import runs_from_records
+from fnabench.tasks.recall.tables import INTERVENTION_FILES, REPORT_FILES, report_files
 
 BOARD = Path(__file__).resolve().parents[2] / "leaderboards" / "recall-cpu"
 

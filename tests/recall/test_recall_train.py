@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from fnabench.tasks.recall import rundir
-from fnabench.tasks.recall.config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from fnabench.tasks.recall.costs import forward_flops, train_step_flops
-from fnabench.tasks.recall.model import build_model, masked_mse
+from fnabench.tasks.recall.network import build_model, masked_mse
+from fnabench.tasks.recall.run_config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from fnabench.tasks.recall.tokens import TokenLayout
-from fnabench.tasks.recall.train import batch_tensors, train
+from fnabench.tasks.recall.training import batch_tensors, train
 
 pytest.importorskip("transformers")
 
@@ -150,9 +150,9 @@ def test_warm_up_resumes_bit_exactly_and_ramps_the_learning_rate(tmp_path):
 
 
 def test_later_keys_leave_older_identities_alone(tmp_path):
-    from fnabench.tasks.recall.config import read_toml, section_dict
     from fnabench.tasks.recall.presets import get_preset
-    from fnabench.tasks.recall_task import run_folder
+    from fnabench.tasks.recall.run_config import read_toml, section_dict
+    from fnabench.tasks.recall.task import run_folder
 
     cpu = get_preset("cpu").to_dict()
     assert "warmup" not in cpu["train"] and "emergence_rule" not in cpu["eval"]
@@ -177,7 +177,7 @@ def test_later_keys_leave_older_identities_alone(tmp_path):
 def test_the_sustained_rule_names_the_stay_below_point():
     from fnabench.tasks.recall.evaluate import emergence
     from fnabench.tasks.recall.metrics import emergence_point
-    from fnabench.tasks.recall.report import emergence_table
+    from fnabench.tasks.recall.tables import emergence_table
 
     medians = [0.9, 0.3, 0.8, 0.3, 0.2, 0.1]
     summary = {"zero": {"final": {"1": {"median": 1.0}}}, "model": {"final": {"1": {"median": medians}}},

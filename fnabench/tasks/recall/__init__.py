@@ -7,8 +7,8 @@ Modules: ``config``/``presets`` (settings), ``systems``/``tokens``/``traces``/``
 ``records`` (harness records), ``icl``, ``cli``. Importing this package needs only numpy.
 """
 
-from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from .presets import PRESETS, get_preset
+from fnabench.tasks.recall.presets import PRESETS, get_preset
+from fnabench.tasks.recall.run_config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 
 __all__ = ["PRESETS", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "RunConfig", "TrainConfig",
            "get_preset"]

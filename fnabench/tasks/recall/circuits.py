@@ -7,7 +7,7 @@ sees that sum. Here every reader gets its own sum, one term per edge (writer →
 switched off: its term then comes from a *corrupted* run (the same model on an input with one token
 swapped) instead of the clean one. With every edge on, the model is the original one (tested).
 
-:class:`CircuitModel` runs a trained :class:`~fnabench.tasks.recall.model.RecallGPT2` this way with its
+:class:`CircuitModel` runs a trained :class:`~fnabench.tasks.recall.network.RecallGPT2` this way with its
 own weights (nothing copied or changed), plainly (with per-layer residual patches for activation patching)
 or with a mask on the edges. :class:`EdgeGraph` names the writers, the readers and the allowed edges.
 """

@@ -15,9 +15,8 @@ import json
 import torch
 
 from fnabench.measure import count_flops
-
-from .config import EvalConfig, RunConfig, section_dict
-from .model import RecallGPT2, build_model, masked_mse
+from fnabench.tasks.recall.network import RecallGPT2, build_model, masked_mse
+from fnabench.tasks.recall.run_config import EvalConfig, RunConfig, section_dict
 
 
 def train_step_flops(model: RecallGPT2, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> int:

@@ -11,14 +11,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rundir
-from .baselines import least_squares_errors, zero_errors
-from .config import ConfigError, EvalConfig, RunConfig, section_dict
-from .metrics import first_below, k_after, median_over_traces, position_errors, quartiles, stays_below
-from .model import RecallGPT2, build_model
-from .queries import QueryExample, iter_examples
-from .systems import make_corpus
-from .tokens import TokenLayout
+from fnabench.tasks.recall import rundir
+from fnabench.tasks.recall.baselines import least_squares_errors, zero_errors
+from fnabench.tasks.recall.metrics import (
+    first_below,
+    k_after,
+    median_over_traces,
+    position_errors,
+    quartiles,
+    stays_below,
+)
+from fnabench.tasks.recall.network import RecallGPT2, build_model
+from fnabench.tasks.recall.queries import QueryExample, iter_examples
+from fnabench.tasks.recall.run_config import PROBES, ConfigError, EvalConfig, RunConfig, section_dict
+from fnabench.tasks.recall.systems import make_corpus
+from fnabench.tasks.recall.tokens import TokenLayout
 
 SERIES = ("final", "initial")
 
@@ -197,8 +204,6 @@ def _bar(total: int, enabled: bool):
 def evaluate_probes(run_dir: str | Path, cfg: EvalConfig | None = None, probes: tuple[str, ...] | None = None,
                     step: int | None = None, progress: bool = True) -> dict[str, dict]:
     """Each OOD probe (and the plain query) at one checkpoint (default: the last): {probe: summary}."""
-    from .config import PROBES
-
     step, _ = rundir.pick_checkpoint(run_dir, step, "evaluate")
     config = rundir.load_config(run_dir)
     cfg = cfg or config.eval

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from fnabench.tasks.recall import rundir
+from fnabench.tasks.recall.run_config import ConfigError
 
 _STEP = re.compile(r"step[_-]?(\d+)")
 
@@ -210,8 +211,6 @@ def sweep(checkpoints: Sequence[str], task: IclTask, *, tokenizer=None, shots: i
     tokens. With ``out``, one record per checkpoint is written to ``out/revisions/`` as it is measured, and
     checkpoints that already have one are read back, not loaded: an interrupted sweep resumes. ``evict``
     deletes each hub revision from the download cache once its record is written."""
-    from . import rundir
-
     rows = []
     for index, checkpoint in enumerate(checkpoints):
         path = Path(out) / "revisions" / record_name(checkpoint) if out is not None else None

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .icl import CHECKPOINT_INFO
+from fnabench.tasks.recall.icl import CHECKPOINT_INFO
+from fnabench.tasks.recall.run_config import ConfigError
 
 #: grapheme → phoneme; "sh" is a digraph (one phoneme), vowels and some consonants change letter
 PHONEMES = {"sh": "ʃ", "a": "æ", "e": "ɛ", "i": "ɪ", "o": "ɒ", "u": "ʌ", "b": "b", "d": "d", "g": "ɡ", "k": "k",

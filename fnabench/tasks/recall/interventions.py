@@ -24,10 +24,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .config import ConfigError, EvalConfig, RunConfig
-from .queries import QueryExample, build_example, layout_positions
-from .systems import make_corpus
-from .tokens import TokenLayout
+from fnabench.tasks.recall import rundir
+from fnabench.tasks.recall.circuits import CircuitModel
+from fnabench.tasks.recall.evaluate import load_checkpoint
+from fnabench.tasks.recall.queries import QueryExample, build_example, layout_positions
+from fnabench.tasks.recall.run_config import ConfigError, EvalConfig, RunConfig, section_dict
+from fnabench.tasks.recall.systems import make_corpus
+from fnabench.tasks.recall.tokens import TokenLayout
 
 SWAPS = ("label", "observation")
 TARGETS = ("k1", "k2")
@@ -183,8 +186,6 @@ def patching_report(model, config: RunConfig, cfg: EvalConfig, examples: int = 1
                     swaps: Sequence[str] = SWAPS) -> dict[str, list[dict]]:
     """:func:`token_swap_patching` at the swapped position for each swap (label: the query's open label;
     observation: the first resumed observation) on ``examples`` × ``traces`` queries drawn as the evaluation's."""
-    from .circuits import CircuitModel
-
     circuit_model = CircuitModel(model.eval())
     out = {}
     for swap in swaps:
@@ -205,9 +206,6 @@ def patch_run(run_dir, examples: int | None = None, traces: int | None = None, s
     matches (``examples`` / ``traces`` None: whatever is stored, else 16 × 64)."""
     from pathlib import Path
 
-    from . import rundir
-    from .config import section_dict
-    from .evaluate import load_checkpoint
 
     run_dir = Path(run_dir)
     config = rundir.load_config(run_dir)
@@ -233,7 +231,6 @@ def stored_patching(run_dir) -> list[dict]:
     """Every patching result stored in a run directory, in file order."""
     from pathlib import Path
 
-    from . import rundir
 
     folder = Path(run_dir) / rundir.EVALS / PATCHING_DIR
     stored = [rundir.read_json(p) for p in sorted(folder.glob("step_*.json"))] if folder.is_dir() else []

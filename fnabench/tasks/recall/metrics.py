@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .tokens import TokenLayout
+from fnabench.tasks.recall.tokens import TokenLayout
 
 
 def position_errors(pred: np.ndarray, tokens: np.ndarray, layout: TokenLayout) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ConfigError
-from .metrics import emergence_point
+from fnabench.tasks.recall.metrics import emergence_point
+from fnabench.tasks.recall.run_config import ConfigError
 
 DEFAULT_KS = ("1", "2", "3", "8")
 

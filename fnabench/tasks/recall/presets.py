@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from .config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from fnabench.tasks.recall.run_config import ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 
 #: the paper's learning rate at batch 512 for the medium model
 BASE_LR = 1.5849e-5

@@ -25,10 +25,18 @@ from pathlib import Path
 
 import torch
 
-from . import rundir
-from .circuits import CircuitModel, EdgeGraph
-from .config import ConfigError, RunConfig
-from .interventions import SWAPS, TARGETS, SwapBatch, median_of_medians, squared_errors, swap_batch
+from fnabench.tasks.recall import rundir
+from fnabench.tasks.recall.circuits import CircuitModel, EdgeGraph
+from fnabench.tasks.recall.evaluate import load_checkpoint
+from fnabench.tasks.recall.interventions import (
+    SWAPS,
+    TARGETS,
+    SwapBatch,
+    median_of_medians,
+    squared_errors,
+    swap_batch,
+)
+from fnabench.tasks.recall.run_config import ConfigError, RunConfig
 
 #: the swap each target is pruned against: recall reads the label, continuation the observation
 CORRUPTION = {"k1": "label", "k2": "observation"}
@@ -275,8 +283,6 @@ def prune_run(run_dir: str | Path, target: str, settings: PruneSettings, *, step
               refresh: bool = False, progress=None) -> dict:
     """Find (or read back) the circuit for ``target`` at a run's checkpoint (default the last), score it, and
     store ``circuit.json`` under ``RUN/prune/<target>-s<sparsity>-<hash>/``."""
-    from .evaluate import load_checkpoint
-
     _check_target(target)
     settings.validate()
     run_dir = Path(run_dir)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import PROBES, ConfigError, DataConfig, EvalConfig
-from .systems import Systems
-from .tokens import TokenLayout
+from fnabench.tasks.recall.run_config import PROBES, ConfigError, DataConfig, EvalConfig
+from fnabench.tasks.recall.systems import Systems
+from fnabench.tasks.recall.tokens import TokenLayout
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, RunConfig
+from fnabench.tasks.recall.run_config import ConfigError, RunConfig
 
 CONFIG = "config.json"
 COSTS = "costs.json"

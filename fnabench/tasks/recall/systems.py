@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ConfigError, DataConfig
+from fnabench.tasks.recall.run_config import ConfigError, DataConfig
 
 
 def haar_orthogonal(n: int, count: int, rng: np.random.Generator, sign_fix: bool = True) -> np.ndarray:

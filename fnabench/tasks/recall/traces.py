@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import DataConfig
-from .systems import Corpus
-from .tokens import TokenLayout
+from fnabench.tasks.recall.run_config import DataConfig
+from fnabench.tasks.recall.systems import Corpus
+from fnabench.tasks.recall.tokens import TokenLayout
 
 
 @dataclass

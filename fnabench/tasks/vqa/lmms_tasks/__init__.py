@@ -1,17 +1,5 @@
-"""lmms-eval tasks shipped with fnabench: pass this folder as ``--include_path`` (``python -m
-fnabench.tasks.vqa.lmms_tasks`` prints it), or let fnabench's ``lmms:<task>`` add it for you."""
+"""Moved to :mod:`fnabench.tasks.lmms_tasks`; this path keeps ``python -m fnabench.tasks.vqa.lmms_tasks`` working."""
 
-from pathlib import Path
+from fnabench.tasks.lmms_tasks import DATA, FOLDER
 
-FOLDER = Path(__file__).resolve().parent
-DATA = FOLDER / "fnabench_shapes_vqa.jsonl"
-
-
-def write_data(path: Path = DATA) -> Path:
-    """(Re)write the offline task's documents from the scene generator (a test keeps the file in step)."""
-    import json
-
-    from ..scenes import test_docs
-
-    path.write_text("".join(json.dumps(doc, sort_keys=True) + "\n" for doc in test_docs()))
-    return path
+__all__ = ["DATA", "FOLDER"]

@@ -1,5 +1,5 @@
 """``python -m fnabench.tasks.vqa.lmms_tasks`` prints the folder to pass to lmms-eval as ``--include_path``."""
 
-from . import FOLDER
+from fnabench.tasks.lmms_tasks import FOLDER
 
 print(FOLDER)

@@ -1,0 +1,5 @@
+"""``python -m fnabench.tasks.lmms_tasks`` prints the folder to pass to lmms-eval as ``--include_path``."""
+
+from fnabench.tasks.lmms_tasks import FOLDER
+
+print(FOLDER)
