@@ -92,7 +92,7 @@ def test_config_file_keys_are_checked(tmp_path, capsys):
 
 
 def test_the_gpu_configs_are_valid_here():
-    """configs/analysis_gpu.toml parses and every model and ablation spec in it is accepted (device aside); the
+    """configs/analysis/gpu.toml parses and every model and ablation spec in it is accepted (device aside); the
     GPU sweeps carry parseable masking variants, keys and values."""
     import argparse
 
@@ -100,13 +100,13 @@ def test_the_gpu_configs_are_valid_here():
     from fnabench.cli import analyze_cmd as analyze_cli
     from fnabench.harness.config import tomllib
 
-    args = argparse.Namespace(config=str(ROOT / "configs" / "analysis_gpu.toml"), models=[], device="cpu")
+    args = argparse.Namespace(config=str(ROOT / "configs" / "analysis" / "gpu.toml"), models=[], device="cpu")
     options = analyze_cli._options(args)
     assert options["models"][0] == "open_clip:ViT-L-14@openai" and options["action"] == ["keys", "values"]
     options["publish"] = None
     analyze_cli._check_first(options)
     for name in ("clip_coco_retrieval", "clip_imagenet_zeroshot", "dinov2_large_knn"):
-        config = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())
+        config = tomllib.loads((ROOT / "configs" / "sweeps" / f"{name}.toml").read_text())
         masks = [parse_variant(v) for v in config["variants"] if "mask:" in v]  # (the sweeps need CUDA and data)
         assert len(masks) >= 6 and {m.mask["action"] for m in masks} == {"keys", "values"}
 

@@ -327,14 +327,14 @@ def test_transformers_image_classifier_loads_with_its_head_and_patches(tmp_path)
 
 
 def test_gpu_imagenet_config_is_valid_and_says_what_it_needs(tmp_path):
-    """configs/imagenet_classify.toml passes the sweep's own checks once its data root exists (and on CPU)."""
+    """configs/sweeps/imagenet_classify.toml passes the sweep's own checks once its data root exists (and on CPU)."""
     import sys
 
     from fnabench.harness import config as cfg
     from fnabench.harness.runner import cells
 
     tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
-    path = Path(__file__).parent.parent / "configs" / "imagenet_classify.toml"
+    path = Path(__file__).parent.parent / "configs" / "sweeps" / "imagenet_classify.toml"
     text = path.read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     for needle in ("Needs on disk", "<root>/val/<wnid>/*.JPEG", "real.json", "Cost:", "batch 64", "ToMe"):

@@ -189,7 +189,7 @@ def test_cli_flags_override_config(sweep):
     with pytest.raises(ConfigError, match="limit must be"):
         cfg.override(config, limit=0)
     # --tasks drops the options of the tasks it leaves out (the published offline sweep's knn options, say)
-    full = cfg.load(Path(__file__).parent.parent / "configs" / "offline_dinov2s.toml")
+    full = cfg.load(Path(__file__).parent.parent / "configs" / "sweeps" / "offline_dinov2s.toml")
     assert "knn:digits" in full.task_options
     only = cfg.override(full, tasks=["fidelity:images"])
     assert only.tasks == ["fidelity:images"] and only.task_options == {}

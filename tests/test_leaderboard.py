@@ -554,7 +554,7 @@ def test_committed_seg_offline_leaderboard_regenerates_from_its_records(tmp_path
 
 
 def test_committed_vqa_offline_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
-    """leaderboards/vqa-offline comes from one `fnabench run configs/vqa_offline.toml` + `publish`: its README
+    """leaderboards/vqa-offline comes from one `fnabench run configs/sweeps/vqa_offline.toml` + `publish`: its README
     comes from its records; every variant of its config ran, on all 200 held-out questions, and the trained
     model measures something (exact far above the 25 % chance)."""
     from fnabench.harness.config import load

@@ -79,7 +79,7 @@ def test_cpu_n5_board_is_made_from_runs_then_rebuilt_from_its_records(tmp_path, 
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
     monkeypatch.chdir(tmp_path)
-    config = BOARD.parents[1] / "configs" / "recall_cpu_n5.toml"
+    config = BOARD.parents[1] / "configs" / "recall" / "cpu_n5.toml"
     tiny = [f"--set={k}" for k in ("model.n_layer=2", "model.n_embd=32", "model.n_head=2", "train.batch=8",
                                    "train.checkpoint_every=10", "data.train_systems=300", "data.val_systems=20",
                                    "eval.examples=3", "eval.traces=4")]

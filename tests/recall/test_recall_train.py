@@ -160,8 +160,8 @@ def test_later_keys_leave_older_identities_alone(tmp_path):
     n5 = get_preset("cpu-n5")
     assert n5.to_dict()["eval"]["emergence_rule"] == "sustained"
     assert section_dict(replace(n5.train, warmup=3))["warmup"] == 3
-    root = Path(__file__).resolve().parents[2] / "configs"
-    for name, preset in (("recall_cpu.toml", "cpu"), ("recall_cpu_n5.toml", "cpu-n5")):
+    root = Path(__file__).resolve().parents[2] / "configs" / "recall"
+    for name, preset in (("cpu.toml", "cpu"), ("cpu_n5.toml", "cpu-n5")):
         assert RunConfig.from_dict(read_toml(root / name)).to_dict() == get_preset(preset).to_dict()
     # a run's evaluation settings may change on resume (they do not change its weights); its training may not
     train(tmp_path / "r", TINY, until_step=4, progress=False)
