@@ -34,7 +34,8 @@ from mmseg.registry import DATASETS, HOOKS, MODELS
 from fnabench._errors import UserError
 from fnabench.data.generated import segmentation as seg_synthetic
 from fnabench.models.registry import load_model
-from fnabench.patching.core import _num_prefix, find_blocks, patch, restore_tokens
+from fnabench.patching.core import _num_prefix, find_blocks, patch
+from fnabench.patching.sites import restore_tokens
 from fnabench.variants import parse_variant
 
 # ---------------------------------------------------------------------------------------------

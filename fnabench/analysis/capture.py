@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from fnabench._errors import UserError
-from fnabench.patching.core import Site, patch
+from fnabench.patching.core import patch
+from fnabench.patching.sites import Site
 from fnabench.variants import parse_variant
 from fnabench.variants.mask import key_keep_mask
 from fnabench.variants.variant import _applies

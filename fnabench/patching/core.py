@@ -1,6 +1,7 @@
 """Finding attention modules in a host model, patching them reversibly, and the patch handle.
 
-Each host adapter contributes :class:`AttentionKind` objects (which modules it recognises and how
+Each host adapter (one module per host library, declaring one :class:`~fnabench.patching.sites.HostAdapter`,
+listed in patching/hosts.py) contributes :class:`AttentionKind` objects (which modules it recognises and how
 to install a forward that calls the variant). This module does the rest, the same for every host:
 group the modules into towers by the block list they sit in, attach one :class:`ForwardState` per
 tower, hook each block to record the residual stream, and undo all of it on ``remove()``.
@@ -8,7 +9,6 @@ tower, hook each block to record the residual stream, and undo all of it on ``re
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from fnabench._errors import UserError
+from fnabench.patching.hosts import loaded_hosts
+from fnabench.patching.sites import AttentionKind, BlockKind, BlockSite, Site
 from fnabench.variants import ForwardState, Variant, parse_variant
 from fnabench.variants.flows import flow_class, make_flow
-from fnabench.variants.variant import ATTENTION_RANGE
 
 #: attribute that marks a patched model and holds its handle (not a module: state dict unchanged)
 HANDLE_ATTR = "_fnabench_patch"
@@ -33,89 +34,19 @@ class AlreadyPatchedError(RuntimeError):
     """The model is patched already; remove the first patch before applying another."""
 
 
-@dataclass
-class Site:
-    """One attention module to patch: where it is, which tower and layer, and how to call the variant."""
-
-    name: str
-    module: nn.Module
-    kind: AttentionKind
-    block: nn.Module
-    layer: int
-    state: ForwardState
-    variant: Variant
-    #: the block is an indexed member of a block list (not e.g. a pooling head's attention)
-    listed: bool = True
-
-    def attend(self, q, k, v, *, scale=None, attn_mask=None, causal: bool = False) -> torch.Tensor:
-        """Run the variant for this site's layer on [B, H, N, d] q, k, v (causally if ``causal``)."""
-        self.state.layer = self.layer
-        return self.variant.attend(q, k, v, self.state, scale=scale, attn_mask=attn_mask, causal=causal)
 
 
-@dataclass
-class AttentionKind:
-    """How one host attention class is recognised and patched.
-
-    ``install(site)`` patches ``site.module`` and returns a function that undoes exactly that.
-    """
-
-    label: str
-    matches: Callable[[nn.Module], bool]
-    install: Callable[[Site], Callable[[], None]]
 
 
-@dataclass
-class BlockSite:
-    """One block of a tower under a token-flow variant: what its patched forward calls around attention."""
-
-    block: nn.Module
-    layer: int
-    state: ForwardState
-
-    def enter(self, x: torch.Tensor) -> None:
-        """Call first, with the block's input [B, N, C]."""
-        self.state.flow.enter(self.layer, x)
-
-    def between(self, x: torch.Tensor) -> torch.Tensor:
-        """Call on the residual stream after the attention branch, before the MLP branch."""
-        with torch.profiler.record_function(ATTENTION_RANGE):  # the flow's matching is its token-mixing cost
-            return self.state.flow.between(self.layer, x)
 
 
-@dataclass
-class BlockKind:
-    """How one host block class runs a token flow: ``install(site)`` patches ``site.block`` so it calls
-    ``site.enter`` and ``site.between`` (see variants/flow.py) and returns the undo."""
-
-    label: str
-    matches: Callable[[nn.Module], bool]
-    install: Callable[[BlockSite], Callable[[], None]]
-
-
-# host adapters, tried in order; each is imported only when its host library is already loaded
-_ADAPTERS = (
-    ("open_clip", "fnabench.patching.open_clip"),
-    ("timm", "fnabench.patching.timm"),
-    ("transformers", "fnabench.patching.transformers"),
-    ("mmseg", "fnabench.patching.mmseg"),
-    ("torch", "fnabench.patching.torch_mha"),
-)
-
-
-def _loaded_adapters():
-    """(adapter module, whether its host library is loaded) for every adapter."""
-    import sys
-
-    for host, module_name in _ADAPTERS:
-        yield importlib.import_module(module_name), host == "torch" or host in sys.modules
 
 
 def _kinds() -> tuple[list[AttentionKind], list[str]]:
     """Attention kinds of every host library already imported, and labels of all that could be."""
     kinds, labels = [], []
-    for adapter, loaded in _loaded_adapters():
-        labels.extend(adapter.LOOKS_FOR)
+    for adapter, loaded in loaded_hosts():
+        labels.extend(adapter.looks_for)
         if loaded:
             kinds.extend(adapter.kinds())
     return kinds, labels
@@ -124,9 +55,9 @@ def _kinds() -> tuple[list[AttentionKind], list[str]]:
 def _block_kinds() -> tuple[list[BlockKind], list[str]]:
     """Block kinds (for token flows) of every host library already imported, and labels of all."""
     kinds, labels = [], []
-    for adapter, loaded in _loaded_adapters():
-        labels.extend(getattr(adapter, "BLOCKS", []))
-        if loaded and hasattr(adapter, "block_kinds"):
+    for adapter, loaded in loaded_hosts():
+        labels.extend(adapter.blocks)
+        if loaded and adapter.block_kinds is not None:
             kinds.extend(adapter.block_kinds())
     return kinds, labels
 
@@ -309,8 +240,8 @@ def patch(model: nn.Module, spec: str | Variant, *, num_prefix: int | None = Non
             handle._undo.append(site.kind.install(site))
         if variant.flow is not None:
             _install_flow(model, variant, sites, states, handle)
-        for adapter, loaded in _loaded_adapters():  # model-level hooks (a multimodal model marks its image tokens)
-            if loaded and hasattr(adapter, "install_owner"):
+        for adapter, loaded in loaded_hosts():  # model-level hooks (a multimodal model marks its image tokens)
+            if loaded and adapter.install_owner is not None:
                 handle._undo.extend(adapter.install_owner(model, states))
     except Exception:
         handle.remove()
@@ -351,8 +282,8 @@ def _install_flow(model: nn.Module, variant: Variant, sites: list[Site], states:
         if site.layer == site.state.num_layers - 1:  # the tower's end: every input position gets its token back
             hook = site.block.register_forward_hook(_finish_hook(site.state))
             handle._undo.append(hook.remove)
-    for adapter, loaded in _loaded_adapters():
-        if loaded and hasattr(adapter, "install_flow_owner"):
+    for adapter, loaded in loaded_hosts():
+        if loaded and adapter.install_flow_owner is not None:
             handle._undo.extend(adapter.install_flow_owner(model))
 
 
@@ -365,47 +296,12 @@ def _finish_hook(state: ForwardState):
     return hook
 
 
-def restore_tokens(block: nn.Module, output: torch.Tensor) -> torch.Tensor:
-    """A block's output [B, N', C] at every input position, where a token flow reduced it (else unchanged).
-
-    For readers of intermediate blocks (dense heads tapping several blocks)."""
-    state = block.__dict__.get("_fnabench_flow")
-    return output if state is None or state.flow is None else state.flow.restore(output)
 
 
-def install_forward(module: nn.Module, forward: Callable) -> Callable[[], None]:
-    """Shadow ``module.forward`` with an instance attribute; the returned undo restores it exactly."""
-    had = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.__dict__["forward"] = forward
-
-    def undo() -> None:
-        if had:
-            module.__dict__["forward"] = previous
-        else:
-            module.__dict__.pop("forward", None)
-
-    return undo
 
 
-def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, true_means_masked: bool) -> torch.Tensor | None:
-    """A bool or float attention mask as an additive float mask (0 keep, −inf drop)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        drop = mask if true_means_masked else ~mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(drop, float("-inf"))
-    return mask.to(dtype)
 
 
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, N, H·d] → [B, H, N, d]."""
-    b, n, _ = x.shape
-    return x.reshape(b, n, num_heads, -1).transpose(1, 2)
 
 
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, N, d] → [B, N, H·d]."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
 

@@ -21,10 +21,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fnabench.patching.core import (
+from fnabench.patching.sites import (
     AttentionKind,
     BlockKind,
     BlockSite,
+    HostAdapter,
     Site,
     install_forward,
     merge_heads,
@@ -125,3 +126,7 @@ def install_flow_owner(model: torch.nn.Module) -> list[Callable[[], None]]:
 
     return [install_forward(m, _vit_forward(m)) for m in model.modules()
             if type(m) is VisionTransformer and type(m).forward is VisionTransformer.forward]
+
+
+ADAPTER = HostAdapter("mmseg", tuple(LOOKS_FOR), kinds, blocks=tuple(BLOCKS), block_kinds=block_kinds,
+                      install_flow_owner=install_flow_owner)

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fnabench._extras import require
-from fnabench.patching.core import (
+from fnabench.patching.sites import (
     AttentionKind,
     BlockKind,
     BlockSite,
+    HostAdapter,
     Site,
     additive_mask,
     install_forward,
@@ -97,3 +98,6 @@ def block_kinds() -> list[BlockKind]:
         return isinstance(m, Block) and type(m).forward is Block.forward
 
     return [BlockKind("open_clip.transformer.ResidualAttentionBlock", matches, _install_block)]
+
+
+ADAPTER = HostAdapter("open_clip", tuple(LOOKS_FOR), kinds, blocks=tuple(BLOCKS), block_kinds=block_kinds)

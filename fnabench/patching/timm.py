@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fnabench._extras import require
-from fnabench.patching.core import AttentionKind, BlockKind, BlockSite, Site, install_forward, merge_heads
+from fnabench.patching.sites import AttentionKind, BlockKind, BlockSite, HostAdapter, Site, install_forward, merge_heads
 
 LOOKS_FOR = ["timm.layers.Attention"]
 BLOCKS = ["timm.models.vision_transformer.Block"]
@@ -64,3 +64,6 @@ def block_kinds() -> list[BlockKind]:
         return isinstance(m, Block) and type(m).forward is Block.forward
 
     return [BlockKind("timm.models.vision_transformer.Block", matches, _install_block)]
+
+
+ADAPTER = HostAdapter("timm", tuple(LOOKS_FOR), kinds, blocks=tuple(BLOCKS), block_kinds=block_kinds)

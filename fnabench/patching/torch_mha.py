@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fnabench.patching.core import AttentionKind, Site, additive_mask, install_forward, merge_heads, split_heads
+from fnabench.patching.sites import (
+    AttentionKind,
+    HostAdapter,
+    Site,
+    additive_mask,
+    install_forward,
+    merge_heads,
+    split_heads,
+)
 
 LOOKS_FOR = ["torch.nn.MultiheadAttention"]
 
@@ -67,3 +75,6 @@ def _install(site: Site):
 def kinds() -> list[AttentionKind]:
     return [AttentionKind("torch.nn.MultiheadAttention",
                           lambda m: isinstance(m, nn.MultiheadAttention), _install)]
+
+
+ADAPTER = HostAdapter("torch", tuple(LOOKS_FOR), kinds)

@@ -24,16 +24,17 @@ from torch import nn
 
 from fnabench._errors import UserError
 from fnabench._extras import require
-from fnabench.patching.core import (
+from fnabench.patching.kv_cache import compress_layer
+from fnabench.patching.sites import (
     AttentionKind,
     BlockKind,
     BlockSite,
+    HostAdapter,
     Site,
     install_forward,
     merge_heads,
     split_heads,
 )
-from fnabench.patching.kv_cache import compress_layer
 from fnabench.variants.variant import ATTENTION_RANGE
 
 IMPLEMENTATION = "fnabench"
@@ -311,3 +312,7 @@ def install_owner(model: nn.Module, states: dict) -> list:
     if undo:
         undo.append(lambda: setattr(state, "image_tokens", None))
     return undo
+
+
+ADAPTER = HostAdapter("transformers", tuple(LOOKS_FOR), kinds, blocks=tuple(BLOCKS), block_kinds=block_kinds,
+                      install_owner=install_owner)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from fnabench.data.images import offline_images
 from fnabench.models.loaded import LoadedModel
-from fnabench.patching.core import find_blocks, restore_tokens
+from fnabench.patching.core import find_blocks
+from fnabench.patching.sites import restore_tokens
 from fnabench.tasks.base import FLAG, Settings, TaskError, check_options, embed_all, positive_int
 
 
