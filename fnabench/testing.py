@@ -14,7 +14,7 @@ from typing import Any
 
 from fnabench.harness.gate import CheckReport, check, load_baseline
 from fnabench.harness.leaderboard import is_exact
-from fnabench.harness.records import SCHEMA_VERSION, Cell, read_records, validate
+from fnabench.harness.records import build_record, read_records, validate
 
 __all__ = ["assert_no_regression", "check_results", "make_record"]
 
@@ -79,16 +79,12 @@ def make_record(model: str = "tiny:vit", variant: str = "exact:impl=sdpa", task:
     env = {"python": "3.11.7", "platform": "Linux-test", "device": device, "device_name": "test-cpu",
            "versions": {"fnabench": "0.1.0", "torch": "2.4.0"}, "git_revision": "abc1234"}
     env.update(environment or {})
-    cell = Cell(model, variant, task, tuple(sorted(settings.items())))
-    record = {
-        "schema": SCHEMA_VERSION, "id": cell.id, "status": status, "model": model, "variant": variant,
-        "variant_short": variant_short or ("exact" if is_exact(variant) else variant), "task": task,
-        "settings": settings, "metrics": metrics, "primary_metric": primary_metric,
-        "higher_is_better": dict(higher_is_better) if higher_is_better is not None else {m: True for m in metrics},
-        "flops": flops, "timing": timing, "peak_memory_bytes": None, "environment": env, "seed": seed,
-        "started": "2025-01-01T00:00:00+00:00", "finished": finished, "duration_s": 10.0,
-        "error": error if status != "ok" else None,
-    }
+    record = build_record(
+        model=model, variant=variant, variant_short=variant_short or ("exact" if is_exact(variant) else variant),
+        task=task, settings=settings, status=status, metrics=metrics, primary_metric=primary_metric,
+        higher_is_better=dict(higher_is_better) if higher_is_better is not None else {m: True for m in metrics},
+        flops=flops, timing=timing, environment=env, seed=seed, started="2025-01-01T00:00:00+00:00",
+        finished=finished, duration_s=10.0, error=error if status != "ok" else None)
     if items is not None:
         record["items"] = dict(items)
         record["proportions"] = {m: [over, float(scale)] for m, (over, scale) in (proportions or {}).items()}

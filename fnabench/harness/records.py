@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from fnabench._errors import UserError
 
@@ -52,6 +52,66 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
 #: settings that are part of a cell's identity
 IDENTITY_SETTINGS = ("image_size", "dtype", "device", "batch_size", "limit", "seed", "options")
 STATUSES = ("ok", "failed")
+
+
+class Record(TypedDict, total=False):
+    """One record file: what a cell is, what it measured, and what it ran on (written as sorted JSON).
+
+    Every producer (the sweep runner, task suites through :func:`fnabench.harness.suites.make_record`,
+    ``fnabench.testing.make_record``) builds it with :func:`build_record`; :data:`REQUIRED_FIELDS` lists the
+    keys every record has, the rest are optional.
+    """
+
+    schema: int  # SCHEMA_VERSION of the writer
+    id: str  # Cell.id: a hash of model, variant, task and the IDENTITY_SETTINGS; the file is <id>.json
+    status: str  # "ok" or "failed"
+    model: str  # registry name, e.g. "offline:dinov2-s" or "recall:cpu-n5@seed0"
+    variant: str  # the canonical spec string (defaults filled, keys sorted)
+    variant_short: str  # the table's name: only keys that differ from their defaults
+    task: str  # registry name, e.g. "fidelity:images"
+    settings: dict[str, Any]  # image_size, dtype, device, batch_size, limit, seed, options (+ the suite's own)
+    metrics: dict[str, float]  # name → value; empty for a failed cell
+    primary_metric: str | None  # the metric a leaderboard ranks by
+    higher_is_better: dict[str, bool]  # direction of each metric
+    flops: dict[str, Any] | None  # counted FLOPs (measure.count_flops): total, attention, gflops, input_shape
+    timing: dict[str, Any] | None  # median_s, quartiles, repeats, images_per_s, speedup_rounds, others_busy_cores
+    peak_memory_bytes: int | None  # peak device memory of the timed forward, where measured
+    environment: dict[str, Any]  # python, platform, device, device_name, versions, git_revision, cpu load
+    seed: int  # the cell's seed
+    started: str  # ISO time the cell started
+    finished: str  # ISO time the record was written
+    duration_s: float  # wall time of the cell
+    error: str | None  # the one-line error of a failed cell
+    # optional keys
+    items: dict[str, int]  # how many test items stand behind the metrics, by name ("test", "queries", ...)
+    proportions: dict[str, list]  # metric → [items key, scale]: the metric is a share of those items (for SEs)
+    traceback: str  # a failed cell's last frames
+    causal: dict[str, Any]  # decoder cells: {"leaks_future": bool} (a whole-sequence landmark selector)
+    kv_cache: dict[str, Any]  # decoder cells: KV-cache bytes after prefill and one decoding step
+    fallback: dict[str, Any]  # fallback=auto cells: which layers ran the approximation
+    classify: dict[str, Any]  # classify: tasks: per-class accuracy, the head and its preprocessing
+    recall: dict[str, Any]  # recall report results: what its side tables need (settings, points, curves)
+    analysis: dict[str, Any]  # analyze results: the report and the ablation
+
+
+def build_record(*, model: str, variant: str, task: str, settings: dict[str, Any], environment: dict[str, Any],
+                 started: str, finished: str, duration_s: float, seed: int, variant_short: str,
+                 status: str = "ok", metrics: dict[str, float] | None = None, primary_metric: str | None = None,
+                 higher_is_better: dict[str, bool] | None = None, flops: dict[str, Any] | None = None,
+                 timing: dict[str, Any] | None = None, peak_memory_bytes: int | None = None,
+                 error: str | None = None, **extra: Any) -> Record:
+    """The one way a record is made: schema and cell id added, the required keys filled, ``extra`` kept
+    (optional keys and a producer's own). ``variant`` is used as given (callers pass the canonical string)."""
+    cell = Cell(model, variant, task, tuple(sorted(settings.items())))
+    record: dict[str, Any] = {
+        "schema": SCHEMA_VERSION, "id": cell.id, "status": status, "model": model, "variant": variant,
+        "variant_short": variant_short, "task": task, "settings": settings, "metrics": dict(metrics or {}),
+        "primary_metric": primary_metric, "higher_is_better": dict(higher_is_better or {}), "flops": flops,
+        "timing": timing, "peak_memory_bytes": peak_memory_bytes, "environment": environment, "seed": seed,
+        "started": started, "finished": finished, "duration_s": duration_s, "error": error,
+    }
+    record.update(extra)
+    return record  # type: ignore[return-value]
 
 
 class RecordError(UserError, ValueError):

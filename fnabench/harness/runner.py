@@ -97,15 +97,11 @@ def _failed_record(cell: rec.Cell, started: str, t0: float, err: BaseException, 
 
 def _base_record(cell: rec.Cell, started: str, t0: float, env: dict) -> dict:
     variant = parse_variant(cell.variant)
-    return {
-        "schema": rec.SCHEMA_VERSION, "id": cell.id, "status": "ok", "model": cell.model,
-        "variant": cell.variant, "variant_short": _short(variant, cell.model), "task": cell.task,
-        **({"causal": {"leaks_future": variant.leaks_future}} if is_causal_model(cell.model, cell.variant) else {}),
-        "settings": dict(cell.settings), "metrics": {}, "primary_metric": None, "higher_is_better": {},
-        "flops": None, "timing": None, "peak_memory_bytes": None, "environment": env,
-        "seed": cell.setting("seed", 0), "started": started, "finished": rec.now(),
-        "duration_s": round(time.perf_counter() - t0, 3), "error": None,
-    }
+    causal = {"causal": {"leaks_future": variant.leaks_future}} if is_causal_model(cell.model, cell.variant) else {}
+    return rec.build_record(model=cell.model, variant=cell.variant, variant_short=_short(variant, cell.model),
+                            task=cell.task, settings=dict(cell.settings), environment=env,
+                            seed=cell.setting("seed", 0), started=started, finished=rec.now(),
+                            duration_s=round(time.perf_counter() - t0, 3), **causal)
 
 
 def _short(variant: Variant, model: str) -> str:

@@ -42,11 +42,11 @@ def make_record(result: dict[str, Any], environment: dict[str, Any] | None = Non
                           f"{', '.join(missing)}; accepted: a dict with {', '.join(RESULT_FIELDS)}")
     variant = parse_variant(result["variant"])
     settings = {k: result["settings"].get(k) for k in rec.IDENTITY_SETTINGS} | dict(result["settings"])
-    cell = rec.Cell(result["model"], variant.canonical, result["task"], tuple(sorted(settings.items())))
     env = environment if environment is not None else rec.environment(settings.get("device") or "cpu")
-    record = {**_DEFAULTS, **result, "schema": rec.SCHEMA_VERSION, "id": cell.id, "variant": variant.canonical,
-              "variant_short": variant.short, "settings": settings, "environment": env}
-    return rec.validate(record, f"suite result {result['model']!r} / {result['task']!r}")
+    fields = {**_DEFAULTS, **result, "variant": variant.canonical, "variant_short": variant.short,
+              "settings": settings, "environment": env}
+    fields.pop("schema", None), fields.pop("id", None)
+    return rec.validate(rec.build_record(**fields), f"suite result {result['model']!r} / {result['task']!r}")
 
 
 def store(results: Iterable[dict[str, Any]], results_dir: str | os.PathLike,

@@ -71,7 +71,7 @@ def test_records_have_the_harness_shape(run_dir):
     records = records_from_run(run_dir)
     first = records[0]
     assert set(RESULT_FIELDS) <= set(first) and "schema" not in first  # the harness completes them
-    assert first["model"] == "gpt2-recall:smoke@seed0" and first["variant"] == "exact"
+    assert first["model"] == "recall:smoke@seed0" and first["variant"] == "exact"
     assert first["task"] == "recall:h2" and first["primary_metric"] == "err_k1"
     metrics = first["metrics"]
     for key in ("err_k1", "err_k2", "zero_k1", "ls_k1"):

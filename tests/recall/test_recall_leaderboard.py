@@ -51,7 +51,7 @@ def _regenerated(name: str, tmp_path: Path, monkeypatch, boards: Path = BOARD.pa
 
 def test_committed_recall_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
     committed, records = _regenerated("recall-cpu", tmp_path, monkeypatch)
-    assert len(records) == 15 and {r["model"] for r in records} == {f"gpt2-recall:cpu@seed{s}" for s in (0, 1, 2)}
+    assert len(records) == 15 and {r["model"] for r in records} == {f"recall:cpu@seed{s}" for s in (0, 1, 2)}
     assert all(r["variant"] == "exact:impl=sdpa" and r["timing"] is None and r["flops"]["total"] == 9_959_680
                for r in records)
     readme = committed["README.md"].decode()
@@ -96,7 +96,7 @@ def test_cpu_n5_board_is_made_from_runs_then_rebuilt_from_its_records(tmp_path, 
               "--out-dir=leaderboards/recall-cpu-n5"
     assert main(command.split()[1:]) == 0
     committed, records = _regenerated("recall-cpu-n5", tmp_path, monkeypatch, boards=tmp_path / "leaderboards")
-    assert {r["model"] for r in records} == {"gpt2-recall:cpu-n5@seed0", "gpt2-recall:cpu-n5@seed1"}
+    assert {r["model"] for r in records} == {"recall:cpu-n5@seed0", "recall:cpu-n5@seed1"}
     assert {r["recall"]["config"]["data"]["state_dim"] for r in records} == {5}
     readme = committed["README.md"].decode()
     assert readme.startswith("# Leaderboard: recall-cpu-n5\n\n**Continuation before recall at state dimension 5")
@@ -118,7 +118,7 @@ def test_report_writes_harness_records_that_publish_turns_into_the_folder(run_di
     assert records and read_records(board / "records")
     assert sorted(p.name for p in (board / "records").iterdir()) == sorted(f"{r['id']}.json" for r in records)
     plain = next(r for r in records if r["task"] == "recall:h2")
-    assert plain["model"] == "gpt2-recall:smoke@seed0" and plain["variant_short"] == "exact"
+    assert plain["model"] == "recall:smoke@seed0" and plain["variant_short"] == "exact"
     assert plain["primary_metric"] == "err_k1" and plain["higher_is_better"]["err_k1"] is False
     assert plain["settings"]["options"]["probe"] == "none" and plain["environment"]["versions"]["torch"]
     assert plain["started"] <= plain["finished"] and plain["duration_s"] >= 0
@@ -127,7 +127,7 @@ def test_report_writes_harness_records_that_publish_turns_into_the_folder(run_di
     readme = (board / "README.md").read_text()
     assert readme.startswith("# Leaderboard: board\n")
     assert "### recall:h2 — primary metric: err_k1 (lower is better)" in readme
-    assert "| gpt2-recall:smoke@seed0 | exact" in readme and "speed-up: not measured" in readme
+    assert "| recall:smoke@seed0 | exact" in readme and "speed-up: not measured" in readme
     assert "- command: `fnabench recall report " in readme and "[ood.md](ood.md)" in readme
     made = {name: (board / name).read_text() for name in (*REPORT_FILES, "patching.md")}  # report patches each run
     assert "| smoke seed 0 |" in made["emergence.md"] and "misdirected label" in made["ood.md"]

@@ -4,7 +4,7 @@ Each evaluation stored in a run directory (the plain query's curve over checkpoi
 probes at the last checkpoint) gives one *result* in the shape ``fnabench.harness.suites.make_record``
 completes into a harness record:
 
-- model ``gpt2-recall:PRESET@seedS`` (size and training seed), variant ``exact`` (the model's own attention),
+- model ``recall:PRESET@seedS`` (size and training seed), variant ``exact`` (the model's own attention),
   task ``recall:hH`` (``,probe=P`` for an OOD probe);
 - settings: device ``cpu``, float32, the eval batch and seed; ``options`` the eval settings, the probe and
   the checkpoint step (so each evaluation is its own cell);
@@ -44,7 +44,7 @@ DEVICE, DTYPE = "cpu", "float32"
 
 def model_name(config: RunConfig) -> str:
     """The record's model string: the preset (size) and the training seed."""
-    return f"gpt2-recall:{config.preset}@seed{config.train.seed}"
+    return f"recall:{config.preset}@seed{config.train.seed}"
 
 
 def task_name(summary: dict) -> str:
