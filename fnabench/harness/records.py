@@ -87,11 +87,13 @@ class Record(TypedDict, total=False):
     proportions: dict[str, list]  # metric → [items key, scale]: the metric is a share of those items (for SEs)
     traceback: str  # a failed cell's last frames
     causal: dict[str, Any]  # decoder cells: {"leaks_future": bool} (a whole-sequence landmark selector)
-    kv_cache: dict[str, Any]  # decoder cells: KV-cache bytes after prefill and one decoding step
-    fallback: dict[str, Any]  # fallback=auto cells: which layers ran the approximation
-    classify: dict[str, Any]  # classify: tasks: per-class accuracy, the head and its preprocessing
+    image_size: int | None  # the input size the model ran at (a sweep cell's; settings hold the asked one)
+    kv_cache: dict[str, Any]  # decoder cells: the KV cache after prefill and one decoding step, against exact's
+    fallback: dict[str, Any]  # fallback=auto cells: which layers ran the approximation and which ran exact
+    details: dict[str, Any]  # what a task reports beside its metrics (e.g. classify:'s per-class scores)
+    provenance: str  # where a record came from when no run wrote it (recall-cpu: converted from its older records)
     recall: dict[str, Any]  # recall report results: what its side tables need (settings, points, curves)
-    analysis: dict[str, Any]  # analyze results: the report and the ablation
+    analysis: dict[str, Any]  # analyze results: the analysis summary and the ablation
 
 
 def build_record(*, model: str, variant: str, task: str, settings: dict[str, Any], environment: dict[str, Any],
