@@ -111,7 +111,8 @@ def test_a_killed_runners_claim_is_taken_over_at_once(tmp_path):
     taken.release()
 
 
-def test_only_one_of_many_racers_takes_over_a_stale_claim(tmp_path):
+@pytest.mark.parametrize("attempt", range(20))  # the race once lost about one run in ten
+def test_only_one_of_many_racers_takes_over_a_stale_claim(tmp_path, attempt):
     _foreign_claim(tmp_path, "race", age_s=10_000)
     won, barrier = [], threading.Barrier(8)
 
@@ -129,6 +130,83 @@ def test_only_one_of_many_racers_takes_over_a_stale_claim(tmp_path):
     assert len(won) == 1 and won[0].holds()
     assert not list(claims.claims_dir(tmp_path).glob(".*"))  # no markers or temp files left behind
     won[0].release()
+
+
+def test_a_claim_replaced_while_it_is_read_never_pairs_the_old_age_with_the_new_owner(tmp_path, monkeypatch):
+    """The interleaving behind the double takeover: runner A replaces a stale claim by its own between
+    runner C's look at the claim's age and C's read of its owner. C then saw A's fresh claim as stale (old
+    age, A's token) and took it over too. Here the replacement happens at exactly that point, every time."""
+    path = _foreign_claim(tmp_path, "race", age_s=10_000)
+    fresh = json.dumps({"token": "t-new", "host": socket.gethostname(), "pid": os.getpid(), "started": rec.now()})
+    real_stat, real_fstat, replaced = Path.stat, os.fstat, []
+
+    def replace_once():
+        if not replaced:
+            replaced.append(True)
+            tmp = path.with_name(".new.tmp")
+            tmp.write_text(fresh)
+            os.replace(tmp, path)  # runner A's takeover: one rename
+
+    def stat(self, *args, **kwargs):
+        out = real_stat(self, *args, **kwargs)
+        if self == path:
+            replace_once()
+        return out
+
+    def fstat(fd):
+        out = real_fstat(fd)
+        replace_once()
+        return out
+
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setattr(os, "fstat", fstat)
+    info = claims.read_claim(path)
+    monkeypatch.undo()
+    assert replaced
+    if info.owner.get("token") == "t-new":  # A's claim: it must look as fresh as it is
+        assert info.stale(60) is None, info.stale(60)
+    else:  # the stale claim, read whole
+        assert info.owner["token"] == "t-race" and info.age_s > 60
+
+
+def _race_over(results: Path, cells: list[str], start, done, out: Path) -> None:
+    """One racing process: try every stale claim, note which it won, hold them until every racer is done."""
+    start.wait()
+    won = [cell for cell in cells if claims.try_claim(results, cell, stale_after=60, heartbeat=3600) is not None]
+    out.write_text("\n".join(won))
+    done.wait()  # alive until the others finish, so a claim it won is never free to take
+
+
+def test_racing_processes_take_over_each_stale_claim_exactly_once(tmp_path):
+    """Processes (not threads of one process: those share a pid) race over hundreds of stale claims."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    cells = [f"c{i:03d}" for i in range(150)]
+    racers = 4
+    for rounds in range(2):
+        results = tmp_path / f"round{rounds}"
+        for cell in cells:
+            _foreign_claim(results, cell, age_s=10_000)
+        start, done = ctx.Barrier(racers), ctx.Barrier(racers + 1)
+        outs = [tmp_path / f"won-{rounds}-{r}.txt" for r in range(racers)]
+        procs = [ctx.Process(target=_race_over, args=(results, cells[::1 if r % 2 else -1], start, done, outs[r]))
+                 for r in range(racers)]
+        for proc in procs:
+            proc.start()
+        try:
+            deadline = time.time() + 120
+            while not all(out.exists() for out in outs) and time.time() < deadline:
+                time.sleep(0.05)
+            holders = {cell: [r for r, out in enumerate(outs) if cell in out.read_text().split()] for cell in cells}
+            owners = {cell: info.owner["pid"] for cell, info in claims.list_claims(results).items()}
+        finally:
+            done.wait(timeout=30)
+            for proc in procs:
+                proc.join(timeout=30)
+        assert all(len(h) == 1 for h in holders.values()), {c: h for c, h in holders.items() if len(h) != 1}
+        assert all(owners[cell] == procs[h[0]].pid for cell, h in holders.items())
+        assert not list(claims.claims_dir(results).glob(".*"))  # no markers or temp files left behind
 
 
 def test_a_runner_that_lost_its_claim_drops_its_result(tmp_path):

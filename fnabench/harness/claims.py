@@ -99,17 +99,18 @@ class ClaimInfo:
 
 def read_claim(path: Path) -> ClaimInfo | None:
     """The claim at ``path``, or None if there is none (or it vanished while being read)."""
+    # the age and the owner come from one open file: a claim replaced between a stat() of the path and a
+    # read of it would pair the old claim's age with the new owner, and a fresh claim would look stale
     try:
-        age = time.time() - path.stat().st_mtime
-        owner = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            age = time.time() - os.fstat(f.fileno()).st_mtime
+            text = f.read()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # unreadable: treat it as an owner we cannot identify, judged by age alone
+    try:
+        owner = json.loads(text)
+    except ValueError:  # unreadable: treat it as an owner we cannot identify, judged by age alone
         owner = {}
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
-            return None
     return ClaimInfo(path.name.split(".")[0], owner if isinstance(owner, dict) else {}, max(age, 0.0))
 
 
@@ -201,7 +202,7 @@ def try_claim(results: str | os.PathLike, cell_id: str, *, stale_after: float = 
                 continue  # released meanwhile: try again
             if current.stale(stale_after) is None:
                 return None
-            if _take_over(folder, path, current, tmp):
+            if _take_over(folder, path, current, tmp, stale_after):
                 return Claim(path, owner, heartbeat)
             if read_claim(path) is not None:
                 return None  # another runner took it over
@@ -210,7 +211,7 @@ def try_claim(results: str | os.PathLike, cell_id: str, *, stale_after: float = 
     return None
 
 
-def _take_over(folder: Path, path: Path, stale: ClaimInfo, tmp: Path) -> bool:
+def _take_over(folder: Path, path: Path, stale: ClaimInfo, tmp: Path, stale_after: float) -> bool:
     """Replace the stale claim ``stale`` by ours (``tmp``); False if another runner is doing it."""
     token = str(stale.owner.get("token", "unreadable"))
     marker = folder / f".{stale.cell_id}.takeover-{token}"
@@ -227,8 +228,8 @@ def _take_over(folder: Path, path: Path, stale: ClaimInfo, tmp: Path) -> bool:
     os.close(fd)
     try:
         again = read_claim(path)
-        if again is None or again.owner.get("token") != stale.owner.get("token"):
-            return False  # released or already replaced since we looked
+        if again is None or again.owner.get("token") != stale.owner.get("token") or again.stale(stale_after) is None:
+            return False  # released, replaced or alive again (a heartbeat) since we looked
         os.replace(tmp, path)  # one rename: the claim never disappears while it changes hands
         return True
     finally:
