@@ -12,8 +12,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from fnabench.harness.compare import is_exact
 from fnabench.harness.gate import CheckReport, check, load_baseline
-from fnabench.harness.leaderboard import is_exact
 from fnabench.harness.records import build_record, read_records, validate
 
 __all__ = ["assert_no_regression", "check_results", "make_record"]

@@ -14,17 +14,10 @@ import pytest
 
 from fnabench._errors import UserError
 from fnabench.harness import records as rec_io
+from fnabench.harness.compare import is_exact, pareto_front
 from fnabench.harness.config import ConfigError, from_dict
-from fnabench.harness.leaderboard import (
-    GFLOPS_HEADER,
-    PARETO_MARK,
-    build_tables,
-    fmt_number,
-    is_exact,
-    pareto_front,
-    plot,
-    render,
-)
+from fnabench.harness.leaderboard import GFLOPS_HEADER, PARETO_MARK, build_tables, fmt_number, render
+from fnabench.harness.leaderboard_plot import plot
 from fnabench.harness.publish import publish
 from fnabench.testing import make_record
 from fnabench.variants import parse_variant
@@ -439,7 +432,7 @@ def test_publish_without_timing_or_a_gflops_spread_says_so_and_draws_no_plot(tmp
 
 
 def test_points_drawn_on_top_of_each_other_share_one_label():
-    from fnabench.harness.leaderboard import _coincident
+    from fnabench.harness.leaderboard_plot import _coincident
 
     pts = [(12.25, 1.0, "exact"), (55.4, 0.978, "fna"), (12.25, 0.9999986, "mask"), (12.43, 0.88, "nystrom")]
     groups = _coincident(pts)

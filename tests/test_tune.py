@@ -11,7 +11,8 @@ import torch
 
 from fnabench.cli.main import main
 from fnabench.harness import records as rec
-from fnabench.harness.tune import REPORT_FILE, TUNE_FILE, Point, State, load_spec, render_report, state_from_records
+from fnabench.harness.tune import REPORT_FILE, TUNE_FILE, Point, State, load_spec, state_from_records
+from fnabench.harness.tune_report import render_report
 
 pytest.importorskip("timm")
 

@@ -14,15 +14,17 @@ import sys
 from fnabench._errors import EXIT_FOUND, EXIT_OK, UserError, guarded, one_line
 from fnabench._version import __version__
 from fnabench.cli import recall_cmd as recall_cli
+from fnabench.cli import tune_cmd
 from fnabench.cli.analyze_cmd import add_parser as _add_analyze
 from fnabench.cli.analyze_cmd import cmd_analyze
 from fnabench.cli.parser import OneLineParser
 from fnabench.harness import config as cfg
-from fnabench.harness import status, tune
+from fnabench.harness import status
 from fnabench.harness.executor import submit
 from fnabench.harness.executor_settings import parse_executor
 from fnabench.harness.gate import check, load_baseline, make_baseline, save_baseline, tolerance_warnings
-from fnabench.harness.leaderboard import FORMATS, plot, render
+from fnabench.harness.leaderboard import FORMATS, render
+from fnabench.harness.leaderboard_plot import plot
 from fnabench.harness.publish import publish
 from fnabench.harness.records import output_path, read_records, require_records
 from fnabench.harness.runner import Runner
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_scale_commands(sub) -> None:
     status.add_parser(sub)
-    tune.add_parser(sub)
+    tune_cmd.add_parser(sub)
 
 
 def _mount_recall(sub) -> None:

@@ -26,7 +26,8 @@ from typing import Any
 from tabulate import tabulate
 
 from fnabench._errors import UserError
-from fnabench.harness.leaderboard import exact_references, fmt_number, reference_key, speedup
+from fnabench.harness.compare import exact_references, reference_key, speedup
+from fnabench.harness.leaderboard import fmt_number
 from fnabench.harness.records import latest_by_cell, write_text_atomic
 
 BASELINE_FORMAT = 2

@@ -16,23 +16,27 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
-import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
 from fnabench._errors import UserError
-from fnabench._extras import require
+from fnabench.harness.compare import (
+    _image_size,
+    _median,
+    exact_references,
+    is_exact,
+    pareto_front,
+    reference_key,
+    speedup,
+    standard_error,
+)
 from fnabench.harness.records import latest_by_cell
 from fnabench.variants import SpecError, parse_variant
 
-#: the canonical reference variant; any "exact:..." variant without "+" also counts as exact
-EXACT_REFERENCE = "exact:impl=sdpa"
 PARETO_MARK = "★"
 MISSING = "—"
 FORMATS = ("github", "markdown", "latex", "html", "csv")
@@ -46,14 +50,9 @@ DECODE_HEADER = "decode-step GFLOPs"
 DECODE_RATE_HEADER = "decode tokens/s"
 #: settings that, when they differ between rows of one task, are added to the model label
 _LABEL_SETTINGS = ("dtype", "device", "batch_size", "limit", "seed")
-#: settings a variant must share with its exact reference (everything in a cell's identity but the variant)
-_MATCH_SETTINGS = ("image_size", "dtype", "device", "batch_size", "limit", "seed")
 _ERROR_WIDTH = 100
 
 
-def is_exact(variant: str) -> bool:
-    """Whether a canonical variant string is exact attention (``exact`` or ``exact:...`` without ``+``)."""
-    return variant == "exact" or (variant.startswith("exact:") and "+" not in variant)
 
 
 def fmt_number(value: float | None, digits: int = 4, sign: bool = False) -> str:
@@ -71,25 +70,6 @@ def fmt_number(value: float | None, digits: int = 4, sign: bool = False) -> str:
     return f"{value:{plus}.{digits}g}"
 
 
-def pareto_front(points: Sequence[tuple[float, float] | None], higher_is_better: bool = True) -> list[bool]:
-    """Which (cost, score) points no other point dominates (cost no higher and score no worse, one strictly).
-
-    ``None`` points (no cost or no score) are never on the front. Identical points are all on it.
-    """
-    sign = 1.0 if higher_is_better else -1.0
-    pts = [None if p is None else (float(p[0]), sign * float(p[1])) for p in points]
-    out = []
-    for i, p in enumerate(pts):
-        if p is None or not all(math.isfinite(x) for x in p):
-            out.append(False)
-            continue
-        dominated = any(
-            q is not None and j != i and all(math.isfinite(x) for x in q)
-            and q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1])
-            for j, q in enumerate(pts)
-        )
-        out.append(not dominated)
-    return out
 
 
 @dataclass
@@ -119,14 +99,8 @@ class Table:
         return f"{self.task} — primary metric: {self.primary} ({direction})"
 
 
-def _image_size(rec: dict) -> Any:
-    """The configured image size, else the size the model ran at (the runner records both)."""
-    return rec["settings"].get("image_size") or rec.get("image_size")
 
 
-def reference_key(rec: dict) -> tuple:
-    """What a variant shares with its exact reference: model, task and every identity setting."""
-    return (rec["model"], rec["task"], *(repr(rec["settings"].get(k)) for k in _MATCH_SETTINGS))
 
 
 def _first_line(text: str | None) -> str:
@@ -169,13 +143,6 @@ def _label(rec: dict, varying: Sequence[str]) -> str:
     return label
 
 
-def exact_references(recs: Iterable[dict]) -> dict[tuple, dict]:
-    """The ok exact record per :func:`reference_key`: ``exact:impl=sdpa`` when there, else the first exact by name."""
-    refs: dict[tuple, dict] = {}
-    for r in sorted(recs, key=lambda r: (r["variant"] != EXACT_REFERENCE, r["variant"])):
-        if r["status"] == "ok" and is_exact(r["variant"]):
-            refs.setdefault(reference_key(r), r)
-    return refs
 
 
 def _gflops(rec: dict, key: str = "total") -> float | None:
@@ -185,52 +152,12 @@ def _gflops(rec: dict, key: str = "total") -> float | None:
     return flops[key] / 1e9
 
 
-def _median(rec: dict) -> float | None:
-    timing = rec.get("timing")
-    if rec["status"] != "ok" or not timing:
-        return None
-    median = timing.get("median_s")
-    return float(median) if isinstance(median, (int, float)) and median > 0 else None
 
 
-def paired_speedup(timing: dict) -> float | None:
-    """The median over timing rounds of exact's latency / the variant's latency in the same round.
-
-    Each round times the two back to back on the same batch, so a round's ratio is immune to load
-    drifting between rounds; the median of those ratios keeps that pairing, which a ratio of the two
-    medians would throw away. None when the timing has no paired rounds.
-    """
-    rounds = [r for r in timing.get("speedup_rounds") or [] if isinstance(r, (int, float)) and r > 0]
-    return float(statistics.median(rounds)) if rounds else None
 
 
-def speedup(rec: dict, ref: dict | None) -> float | None:
-    """Exact latency / this cell's latency, or None when unmeasured.
-
-    The runner times each cell interleaved with exact attention on the same batch: the median of the
-    paired per-round ratios is used when the record has them (:func:`paired_speedup`), else the ratio
-    it stored (``timing.speedup``, older records: exact's median / the variant's median), else the
-    ratio of the two records' medians.
-    """
-    timing = (rec.get("timing") or {}) if rec.get("status") == "ok" else {}
-    paired = paired_speedup(timing) or timing.get("speedup")
-    if isinstance(paired, (int, float)) and paired > 0:
-        return float(paired)
-    if ref is None:
-        return None
-    a, b = _median(ref), _median(rec)
-    return None if a is None or b is None else a / b
 
 
-def standard_error(rec: dict, metric: str | None) -> float | None:
-    """Binomial standard error √(p(1−p)/n) of a metric that is a share of the record's items, in its own units."""
-    over = (rec.get("proportions") or {}).get(metric) if metric else None
-    value = rec["metrics"].get(metric) if metric else None
-    n = (rec.get("items") or {}).get(over[0]) if over else None
-    if not over or value is None or not n:
-        return None
-    p = min(max(float(value) / over[1], 0.0), 1.0)
-    return over[1] * math.sqrt(p * (1 - p) / n)
 
 
 def _count_range(values: list[int]) -> str:
@@ -511,103 +438,11 @@ def render(records: Iterable[dict], fmt: str = "github", *, metrics: Iterable[st
     return "\n".join(render_table(t, fmt) for t in tables)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "task"
 
 
-def _coincident(pts: list[tuple[float, float, str]], tol: float = 0.005) -> list[tuple[float, float, list[str]]]:
-    """Group points that would be drawn on top of each other (within ``tol`` of each axis' span), so they
-    share one label, e.g. ``exact = mask:tokens=all`` when masking changed nothing."""
-    xspan = (max(p[0] for p in pts) - min(p[0] for p in pts)) or 1.0
-    yspan = (max(p[1] for p in pts) - min(p[1] for p in pts)) or 1.0
-    groups: list[tuple[float, float, list[str]]] = []
-    for x, y, name in pts:
-        for gx, gy, names in groups:
-            if abs(x - gx) <= tol * xspan and abs(y - gy) <= tol * yspan:
-                names.append(name)
-                break
-        else:
-            groups.append((x, y, [name]))
-    return groups
 
 
-def _draw(ax: Any, table: Table) -> bool:
-    """Draw one task's accuracy-vs-GFLOPs panel; False when nothing had both numbers."""
-    markers = "osD^vP*Xhp<>"
-    series: dict[str, list[tuple[float, float, str]]] = {}
-    for v in table.values:
-        y = v["metrics"].get(table.primary) if table.primary else None
-        if v["status"] == "ok" and v["gflops"] is not None and y is not None:
-            series.setdefault(v["model"], []).append((v["gflops"], float(y), v["variant"]))
-    if not series:
-        ax.text(0.5, 0.5, "no records with GFLOPs and a primary metric", ha="center", va="center",
-                transform=ax.transAxes)
-        ax.set_title(table.task)
-        return False
-    for i, (model, pts) in enumerate(series.items()):
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.scatter(xs, ys, marker=markers[i % len(markers)], label=model, zorder=3)
-        for x, y, names in _coincident(pts):
-            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    xs = [p[0] for pts in series.values() for p in pts]
-    span = max(xs) - min(xs) or max(xs) or 1.0
-    ax.set_xlim(min(xs) - 0.05 * span, max(xs) + 0.6 * span)  # room for the labels of the costliest points
-    front = sorted(((v["gflops"], float(v["metrics"][table.primary])) for v in table.values if v["pareto"]),
-                   key=lambda p: (p[0], -p[1] if table.higher_is_better else p[1]))
-    if front:
-        fx, fy = [p[0] for p in front], [p[1] for p in front]
-        ax.step(fx, fy, where="post", color="0.4", linestyle="--", linewidth=1, label="Pareto front", zorder=2)
-    ax.set_xlabel(GFLOPS_HEADER.replace("GFLOPs", "GFLOPs per forward"))
-    ax.set_ylabel(f"{table.primary} ({'higher' if table.higher_is_better else 'lower'} is better)")
-    ax.set_title(table.task)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    return True
 
 
-def _save(fig: Any, stem: Path) -> list[Path]:
-    import matplotlib
-
-    paths = []
-    with matplotlib.rc_context({"svg.hashsalt": "fnabench", "svg.fonttype": "path"}):
-        for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-            path = stem.with_name(stem.name + f".{ext}")
-            fig.savefig(path, format=ext, metadata=meta, dpi=150 if ext == "png" else None, bbox_inches="tight")
-            paths.append(path)
-    return paths
 
 
-def plot(records: Iterable[dict], out_stem: str | Path) -> list[Path]:
-    """Write accuracy(primary)-vs-GFLOPs PNG and SVG: ``STEM.png/.svg`` with one panel per task, and
-    ``STEM-<task>.png/.svg`` per task when there are several; one marker per model, variants labelled,
-    the Pareto front as a step line. Needs matplotlib (Agg, no pyplot state touched)."""
-    require("matplotlib")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    tables = build_tables(records)
-    stem = Path(out_stem)
-    if stem.suffix.lower() in (".png", ".svg"):
-        stem = stem.with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    n = max(len(tables), 1)
-    cols = min(n, 2)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(6.4 * cols, 4.8 * rows))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, table in zip(axes, tables, strict=False):
-        _draw(ax, table)
-    for ax in axes[len(tables):]:
-        ax.set_axis_off()
-    if not tables:
-        axes[0].text(0.5, 0.5, "no records", ha="center", va="center")
-    paths += _save(fig, stem)
-    if len(tables) > 1:
-        for table in tables:
-            fig = Figure(figsize=(6.4, 4.8))
-            FigureCanvasAgg(fig)
-            _draw(fig.subplots(), table)
-            paths += _save(fig, stem.with_name(f"{stem.name}-{_slug(table.task)}"))
-    return paths

@@ -13,8 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
+from fnabench.harness.compare import EXACT_REFERENCE
 from fnabench.harness.config import tomllib
-from fnabench.harness.leaderboard import EXACT_REFERENCE, build_tables, plot, render
+from fnabench.harness.leaderboard import build_tables, render
+from fnabench.harness.leaderboard_plot import plot
 from fnabench.harness.records import RecordError, latest_by_cell, output_path, require_records, write_record
 
 PLOT_STEM = "plot"

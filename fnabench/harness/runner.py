@@ -24,8 +24,8 @@ import torch
 from fnabench.adapters import UnsupportedModelError, patch
 from fnabench.harness import claims
 from fnabench.harness import records as rec
+from fnabench.harness.compare import EXACT_REFERENCE, paired_speedup
 from fnabench.harness.config import ConfigError, SweepConfig
-from fnabench.harness.leaderboard import EXACT_REFERENCE, paired_speedup
 from fnabench.measure import _sync, count_flops, measure_interleaved, peak_memory
 from fnabench.models.loaded import ModelInputError, set_offline
 from fnabench.models.registry import is_causal_model, load_model

@@ -26,13 +26,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fnabench._errors import EXIT_FOUND, EXIT_OK, UserError
+from fnabench._errors import UserError
 from fnabench.adapters import patch
 from fnabench.harness import records as rec
+from fnabench.harness.compare import pareto_front
 from fnabench.harness.config import SweepConfig, tomllib
 from fnabench.harness.config import validate as validate_config
-from fnabench.harness.leaderboard import pareto_front, standard_error
 from fnabench.harness.runner import Runner, cells
+from fnabench.harness.tune_report import _label, render_report
 from fnabench.measure import count_flops
 from fnabench.models.registry import is_causal_model
 from fnabench.patching.core import find_blocks
@@ -463,171 +464,25 @@ def tune(spec: TuneSpec, out: str | Path, *, quiet: bool = False,
 # the report
 
 
-def _fmt(x: float | None, digits: int = 4, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    x = 0.0 if x == 0 else x  # no "-0"
-    return f"{x:{'+' if sign else ''}.{digits}g}"
 
 
-def _label(variant: str, model: str) -> str:
-
-    return parse_variant(variant).label(causal=is_causal_model(model))
 
 
-def _short(p: Point) -> str:
-    return (p.record or {}).get("variant_short") or p.variant
 
 
-def render_report(spec: TuneSpec, state: State, names: dict[str, str]) -> str:
-    """The tune's Markdown report from its state alone (so the published folder can be checked against its records)."""
-    metric, proxy_metric = names["task_metric"], names["proxy_metric"]
-    exact = state.points.get(state.exact)
-    grid = spec.grid()
-    cands = state.candidates()
-    evaluated = sorted(state.evaluated(), key=lambda p: (p.gflops, p.variant))
-    size = f" at {spec.image_size} px" if spec.image_size else ""
-    lines = [f"## Tune: FNA on {spec.model}{size}, {spec.task} within {spec.budget:g} {metric} of exact", ""]
-    space = (f"m ∈ {{{', '.join(map(str, spec.m))}}} × layers ∈ {{{', '.join(f'`{x}`' for x in spec.layers())}}} × "
-             f"landmarks ∈ {{{', '.join(spec.landmarks)}}} × pinv ∈ {{{', '.join(spec.pinv)}}}")
-    lines.append(f"**Searched:** {space}: {len(grid)} settings, {len(cands)} of them cheaper than exact in counted "
-                 f"GFLOPs and scored by the proxy ({spec.proxy}, {proxy_metric}, on {spec.proxy_images} images); "
-                 f"{len(evaluated)} task cells of at most {spec.max_cells} (exact and the default included).")
-    lines.append("")
-    if exact is None or exact.task is None or math.isnan(exact.task):
-        lines += ["The exact reference has no task result yet, so nothing can be judged against the budget.", ""]
-        return "\n".join(lines)
-    best = state.best()
-    default = state.points.get(state.default)
-
-    def describe(p: Point) -> str:
-        drop = state.drop(p)
-        se = standard_error(p.record, metric) if p.record else None
-        se_text = f" ± {se:.2g} s.e." if se else ""
-        saving = 100 * (1 - p.gflops / exact.gflops)
-        change = -drop if state.higher else drop
-        return (f"`{_short(p)}`: {metric} {_fmt(p.task)}{se_text} (Δ {_fmt(change, 3, sign=True)} vs exact's "
-                f"{_fmt(exact.task)}), {p.gflops:.4g} GFLOPs ({_fmt(-saving, 3, sign=True)} % vs exact's "
-                f"{exact.gflops:.4g})")
-
-    if best is not None and best.variant != state.exact:
-        lines.append(f"**Cheapest setting within the budget:** {describe(best)}.")
-    else:
-        lines.append("**No setting cheaper than exact stayed within the budget** among those tried.")
-    if default is not None and default.task is not None and not math.isnan(default.task):
-        verdict = "within the budget" if state.within(default) else "outside the budget"
-        lines.append(f"**Hand-picked default** {describe(default)}: {verdict}.")
-        if best is not None and best.variant not in (state.exact, state.default):
-            diff = best.gflops - default.gflops
-            lines.append(f"Tune's pick costs {abs(diff):.3g} GFLOPs per item {'less' if diff < 0 else 'more'} "
-                         f"than the default ({_fmt(100 * diff / default.gflops, 3, sign=True)} %).")
-            if diff >= 0 and not state.within(default):
-                lines.append("The default is cheaper but outside the budget, and no setting tried that costs as "
-                             "little as the default stayed within it.")
-    ses = [standard_error(p.record, metric) for p in evaluated if p.record]
-    ses = [s for s in ses if s]
-    if ses and spec.budget < max(ses):
-        lines.append(f"Note: the budget ({spec.budget:g}) is smaller than the binomial standard error of one cell's "
-                     f"{metric} (up to {max(ses):.2g}), so a single cell's call near the edge of the budget is within "
-                     "noise; more test items make it sharper.")
-    lines += ["", f"Every setting run on the task, cheapest first (★: on the task's {metric}-vs-GFLOPs front):", "",
-              f"| setting | {metric} | Δ vs exact | within {spec.budget:g} | GFLOPs | proxy {proxy_metric} | front |",
-              "|---|---|---|---|---|---|---|"]
-    ok = [p for p in evaluated if not math.isnan(p.task)]
-    on = dict(zip((p.variant for p in ok), pareto_front([(p.gflops, p.task) for p in ok], state.higher), strict=True))
-    for p in evaluated:
-        drop = state.drop(p)
-        change = None if drop is None else (-drop if state.higher else drop)
-        delta = "ref" if p.variant == state.exact else _fmt(change, 3, sign=True)
-        mark = "yes" if state.within(p) else ("failed" if math.isnan(p.task) else "no")
-        lines.append(f"| `{_short(p)}` | {_fmt(p.task)} | {delta} | {mark} | {p.gflops:.4g} | {_fmt(p.proxy)} | "
-                     f"{'★' if on.get(p.variant) else ''} |")
-    lines += ["", "How it searched: counted GFLOPs for every setting; the proxy on each one cheaper than exact; "
-              "then the task on exact, the default, the middle of the proxy front's stretch between the cheapest miss "
-              "and the cheapest setting within the budget (a bisection), and then the rest of the proxy front up "
-              "to exact, widest gap in GFLOPs first. Rerun the same `fnabench tune` command to resume or extend "
-              "it (`--max-cells`).", ""]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
 # the command
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise TuneError(f"{flag} {text!r}: accepted: comma-separated integers, e.g. 16,32,64") from None
 
 
-def _str_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _options(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise TuneError(f"--task-option {item!r}: accepted: KEY=VALUE, e.g. limit=1000")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value  # a bare word: a string
-    return out
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("tune", help="search FNA's knobs for the cheapest setting within an accuracy budget")
-    p.add_argument("model", help="a model name, e.g. offline:dinov2-s")
-    p.add_argument("task", help="the task the budget is on, e.g. knn:digits")
-    p.add_argument("--budget", type=float, default=1.0,
-                   help="largest drop of the task's primary metric vs exact, in its units (default 1.0)")
-    p.add_argument("--max-cells", type=int, default=12, help="task cells at most, exact and the default included")
-    p.add_argument("--out", help="results folder (default: results/tune-<model>-<task>)")
-    p.add_argument("--image-size", type=int, help="input size in px (default: the model's own)")
-    p.add_argument("--proxy", default=DEFAULT_PROXY, help="the cheap task run on every setting first")
-    p.add_argument("--proxy-images", type=int, default=8, help="items the proxy runs on (its sweep limit)")
-    p.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="landmark counts to try, e.g. 16,32,64,128")
-    p.add_argument("--blocks", default="", help="how many last blocks FNA replaces, e.g. all,9,6,3 "
-                   "(default: all, 3/4, 1/2, 1/4 of the depth)")
-    p.add_argument("--landmarks", default="", help="landmark selections to try (default fps,random)")
-    p.add_argument("--pinv", default="ridge,newton", help="inverses to try (default ridge,newton)")
-    p.add_argument("--default", default=DEFAULT_VARIANT, help="the hand-picked setting to compare with")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of the task, e.g. limit=1000 (repeatable)")
-    p.add_argument("--limit", type=int, help="items per task cell (the sweep limit)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--timing-repeats", type=int, default=2, help="paired timing rounds with exact per cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--online", action="store_true", help="allow hub downloads")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=command)
 
 
-def spec_from_args(args) -> TuneSpec:
-    return TuneSpec(model=args.model, task=args.task, budget=args.budget, max_cells=args.max_cells,
-                    image_size=args.image_size, proxy=args.proxy, proxy_images=args.proxy_images,
-                    m=_int_list(args.m, "--m"), blocks=_str_list(args.blocks), landmarks=_str_list(args.landmarks),
-                    pinv=_str_list(args.pinv), default=args.default, task_options=_options(args.task_option),
-                    limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                    timing_repeats=args.timing_repeats, seed=args.seed, offline=not args.online)
 
 
-def command(args) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise TuneError(f"--threads {args.threads}: accepted: an integer >= 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    spec = spec_from_args(args)
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"tune-{spec.model}-{spec.task}")
-    outcome = tune(spec, args.out or Path("results") / slug, quiet=args.quiet)
-    print(outcome.report)
-    exact = outcome.state.points.get(outcome.state.exact)
-    return EXIT_OK if exact is not None and exact.task is not None and not math.isnan(exact.task) else EXIT_FOUND
