@@ -12,26 +12,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fnabench._io import write_atomic, write_text_atomic
 from fnabench.analysis import figures as fig
 from fnabench.analysis.report import SHARE_SETS, Report
 
 
-def _atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_json(path: Path, data: Any) -> Path:
-    return _atomic(path, json.dumps(data, indent=1, sort_keys=False, default=_plain) + "\n")
+    return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=False, default=_plain) + "\n")
 
 
 def _plain(value: Any) -> Any:
@@ -49,14 +42,15 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]
         for row in rows:
             seen.update(dict.fromkeys(row))
         columns = list(seen)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in columns})
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _cell(row.get(k)) for k in columns})
+
+    return write_atomic(path, write)
 
 
 def _cell(value: Any) -> Any:

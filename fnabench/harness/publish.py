@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from fnabench._io import write_text_atomic
 from fnabench.harness.compare import EXACT_REFERENCE
 from fnabench.harness.config import tomllib
 from fnabench.harness.leaderboard import build_tables, render
@@ -229,7 +230,5 @@ def publish(results_dir: str | os.PathLike, dest_dir: str | os.PathLike, *,
     text = "\n".join(lines)
     readme = dest / "README.md"
     if not readme.exists() or readme.read_text() != text:
-        tmp = readme.with_name(".README.md.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, readme)
+        write_text_atomic(readme, text)
     return dest

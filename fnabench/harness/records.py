@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypedDict
 
+from fnabench import _io
 from fnabench._errors import UserError
 
 SCHEMA_VERSION = 1
@@ -281,31 +281,12 @@ def output_path(path: str | os.PathLike, what: str, *, folder: bool = False, cre
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (plus a final newline) to ``path`` via a temp file and rename: never half-written.
 
     The file gets the mode a plain ``open()`` would give it (0666 less the umask), not the temp file's 0600.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text.rstrip("\n") + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _io.write_text_atomic(path, text.rstrip("\n") + "\n")
 
 
 def record_files(path: str | os.PathLike) -> list[Path]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fnabench._errors import UserError
+from fnabench._io import toml_value as _toml
 from fnabench.adapters import patch
 from fnabench.harness import records as rec
 from fnabench.harness.compare import pareto_front
@@ -116,18 +117,6 @@ class TuneSpec:
                 f"{self.task} score stays within {self.budget:g} of exact attention, searched with "
                 f"{self.proxy} on {self.proxy_images} images as the proxy. Every row below is an ordinary "
                 "record; the report above the tables is rebuilt from them.")
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def load_spec(path: str | Path) -> TuneSpec:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from fnabench.data.generated.retrieval import cache_root
+from fnabench.data.cache import cache_root
 from fnabench.models.loaded import LoadedModel, ModelInputError
 from fnabench.models.mmseg import (
     HOOK,

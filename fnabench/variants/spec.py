@@ -158,7 +158,7 @@ _TOWER = _choice("image", "text", "all")
 _M = Param(_parse_int, 64, "an integer >= 1", lambda v: v >= 1)
 _PINV = _choice("newton", "exact", "ridge")  # Nyströmformer keeps its paper's iterative inverse
 #: FNA's default is the ridge solve: fewer counted FLOPs than Newton–Schulz and, measured on the offline
-#: DINOv2-S fidelity task (configs/fna_inverses.toml), closer to exact attention
+#: DINOv2-S fidelity task (configs/sweeps/fna_inverses.toml), closer to exact attention
 _FNA_PINV = _choice("ridge", "newton", "exact")
 #: causal attention only (decoders): Tikhonov weight of the lower-triangular inverse (variants/causal.py)
 _RIDGE = Param(float, 1.0, "a float > 0", lambda v: v > 0, later=True)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fnabench._errors import TaskError
+from fnabench.data.cache import cache_root
 
 #: bump when the drawing or the captions change, so cached sets are regenerated
 VERSION = 1
@@ -116,13 +117,6 @@ def samples(num_images: int = 50, px: int = 96, seed: int = 0) -> list[ShapeSamp
 
 def _params(num_images: int, px: int, seed: int) -> dict:
     return {"version": VERSION, "num_images": num_images, "px": px, "seed": seed}
-
-
-def cache_root() -> Path:
-    """fnabench's cache folder: ``$FNABENCH_CACHE``, else ``$XDG_CACHE_HOME/fnabench``, else ``~/.cache/fnabench``."""
-    if os.environ.get("FNABENCH_CACHE"):
-        return Path(os.environ["FNABENCH_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fnabench"
 
 
 def write(root: str | os.PathLike, num_images: int = 50, px: int = 96, seed: int = 0) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from fnabench._errors import TaskError
-from fnabench.data.generated.retrieval import cache_root
+from fnabench.data.cache import cache_root
 from fnabench.data.images import _matplotlib, _skimage, _sklearn
 
 VERSION = 1

@@ -10,8 +10,6 @@ cached under ``$FNABENCH_CACHE/classifiers`` by a hash of everything that makes 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -21,8 +19,8 @@ from typing import Any
 import torch
 
 from fnabench._extras import require
+from fnabench.data.cache import cache_root, content_hash
 from fnabench.data.generated import classification as shape_classes
-from fnabench.data.generated.retrieval import cache_root
 from fnabench.models import timm as timm_loader
 from fnabench.models.linear_probe import fit_linear_probe
 from fnabench.models.loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, ModelInputError
@@ -98,7 +96,7 @@ def save_timm_classifier(model, folder: str | Path) -> Path:
 def shapes_classifier_folder(recipe: dict | None = None) -> Path:
     """The cached checkpoint folder of ``offline:dinov2-s-shapes``, trained now if it is not there."""
     recipe = {**SHAPES_RECIPE, **(recipe or {})}
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    digest = content_hash(recipe, 10, default=list)
     folder = cache_root() / "classifiers" / f"dinov2-s-shapes-v{VERSION}-{digest}"
     if (folder / "config.json").is_file():
         return folder

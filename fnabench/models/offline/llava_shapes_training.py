@@ -14,7 +14,6 @@ the same as greedy decoding getting the answer exactly right.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -28,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from fnabench._errors import UserError
+from fnabench._io import write_atomic
+from fnabench.data.cache import cache_root, content_hash
 from fnabench.data.generated import vqa as sc
-from fnabench.data.generated.retrieval import cache_root
 from fnabench.models.offline.llava_shapes import EOS, IMAGE, PAD, Architecture, build_model, build_processor
 
 #: marker written last into a finished checkpoint folder
@@ -59,7 +59,7 @@ class TrainConfig:
         return {**asdict(self), "arch": self.arch.to_dict(), "version": sc.VERSION}
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        return content_hash(self.to_dict(), 10)
 
 
 def default_folder(config: TrainConfig) -> Path:
@@ -203,9 +203,7 @@ def _features(config: TrainConfig, split: str, seed: int, model, processor, item
     path.parent.mkdir(parents=True, exist_ok=True)
     px = arch.image_size
     feats = image_features(model, processor, [s.image(px) for s in items], progress=log)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    torch.save(feats, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(feats, tmp))
     return feats
 
 

@@ -3,14 +3,13 @@ medians over traces and quartiles over examples, the zero and least-squares base
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fnabench.data.cache import content_hash
 from fnabench.tasks.recall import rundir
 from fnabench.tasks.recall.baselines import least_squares_errors, zero_errors
 from fnabench.tasks.recall.metrics import (
@@ -34,7 +33,7 @@ def eval_tag(cfg: EvalConfig, probe: str) -> str:
     """Cache folder name of one evaluation setting: readable prefix plus a hash of every setting."""
     settings = section_dict(cfg)
     settings.pop("emergence_rule", None)  # how a curve is read, not what is measured: the cache is shared
-    digest = hashlib.sha1(json.dumps([settings, probe], sort_keys=True).encode()).hexdigest()[:8]
+    digest = content_hash([settings, probe], 8)
     return f"{probe}-h{cfg.haystack}-needle{cfg.needle}-{digest}"
 
 

@@ -16,8 +16,6 @@ output; it is then scored with hard 0/1 gates on held-out queries: on its own ta
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fnabench.data.cache import content_hash
 from fnabench.tasks.recall import rundir
 from fnabench.tasks.recall.circuits import CircuitModel, EdgeGraph
 from fnabench.tasks.recall.evaluate import load_checkpoint
@@ -71,7 +70,7 @@ class PruneSettings:
         return self
 
     def tag(self, target: str) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        digest = content_hash(asdict(self), 8)
         return f"{target}-s{self.sparsity:g}-{digest}"
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fnabench._errors import ConfigError
+from fnabench._io import toml_value as _toml_value
 
 FAMILIES = ("ortho_haar", "ortho", "ident", "gauss")
 PROBES = ("none", "misdirected", "sync", "unseen_label", "unseen_system")
@@ -260,16 +260,6 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
 
 
 def to_toml(config: RunConfig, header: str = "") -> str:

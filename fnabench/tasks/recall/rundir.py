@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fnabench import _io
 from fnabench.tasks.recall.run_config import ConfigError, RunConfig
 
 CONFIG = "config.json"
@@ -24,22 +23,12 @@ _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    _io.write_text_atomic(path, text)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    _io.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -9,10 +9,7 @@ medians over traces then over haystack examples, under whatever variant is patch
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fnabench.data import cache as data_cache
+from fnabench.data.cache import content_hash
 from fnabench.models.loaded import LoadedModel, ModelInputError
 from fnabench.tasks.base import Option, Settings, TaskError, check_options, positive_int
 from fnabench.tasks.recall import rundir
@@ -35,15 +34,15 @@ KS = (1, 2, 3)
 
 
 def cache_root() -> Path:
-    """Where trained-on-demand recall runs live: ``$FNABENCH_CACHE/recall`` or ``~/.cache/fnabench/recall``."""
-    return Path(os.environ.get("FNABENCH_CACHE", Path.home() / ".cache" / "fnabench")) / "recall"
+    """Where trained-on-demand recall runs live: ``recall/`` under fnabench's cache folder (data/cache.py)."""
+    return data_cache.cache_root() / "recall"
 
 
 def run_folder(preset: str, seed: int) -> tuple[Path, Any]:
     """(cache folder, config) of preset ``preset`` trained with ``seed``: named by the config's hash."""
     config = get_preset(preset)
     config = replace(config, train=replace(config.train, seed=seed)).validate()
-    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    digest = content_hash(config.to_dict(), 10)
     return cache_root() / f"{preset}-seed{seed}-{digest}", config
 
 
