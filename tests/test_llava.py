@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 import fnabench
 from fnabench.data.generated import vqa as sc
 from fnabench.models import llava
-from fnabench.models.offline.llava_shapes import TINY, save_tiny
+from fnabench.models.offline.llava_shapes_arch import TINY, save_tiny
 from fnabench.patching.kv_cache import cache_bytes
 
 N_IMAGE = TINY.image_tokens  # 16 patch tokens (17 in the tower with CLS)
@@ -39,8 +39,12 @@ def test_place_maps_placements_onto_the_tower_and_refuses_contradictions():
     assert llava.place("fna:m=8,landmarks=random", "both").core["landmarks"] == "random"  # named: kept
     assert llava.place("exact", "both").core["tower"] == "all"
     assert llava.place("exact+visionzip:tokens=8", "vision").flow["tokens"] == 8
-    with pytest.raises(llava.PlacementError, match="accepted: vision, language, both"):
+    with pytest.raises(llava.PlacementError, match=r"accepted: image, text, all \(or their aliases vision, "
+                                                    r"language, both\)"):
         llava.place("exact", "decoder")
+    # one word: the spec's tower, given as the placement or in the spec itself, places the variant the same
+    in_spec, as_placement = llava.place("fna:m=8,tower=text", None), llava.place("fna:m=8", "text")
+    assert in_spec.canonical == as_placement.canonical == language.canonical
     with pytest.raises(llava.PlacementError, match="names tower=image"):
         llava.place("fna:m=8,tower=image", "language")
     with pytest.raises(llava.PlacementError, match="fastv runs only in tower=text"):

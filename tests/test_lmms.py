@@ -15,7 +15,7 @@ import torch
 lmms_eval = pytest.importorskip("lmms_eval", reason="the vqa extra (lmms-eval) is not installed")
 
 from fnabench.models import llava  # noqa: E402
-from fnabench.models.offline.llava_shapes import save_tiny  # noqa: E402
+from fnabench.models.offline.llava_shapes_arch import save_tiny  # noqa: E402
 from fnabench.tasks.lmms_task import task_folder  # noqa: E402
 
 TASK = "fnabench_shapes_vqa"

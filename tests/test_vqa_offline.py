@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from fnabench.data.generated import vqa as sc
 from fnabench.models.offline import llava_shapes_training as tr
-from fnabench.models.offline.llava_shapes import IMAGE, TINY, build_model, build_processor
+from fnabench.models.offline.llava_shapes_arch import IMAGE, TINY, build_model, build_processor
 from fnabench.tasks.lmms_tasks import DATA
 
 

@@ -39,6 +39,7 @@ from fnabench._errors import UserError
 from fnabench._extras import MissingExtraError, require
 from fnabench._version import __version__
 from fnabench.models.loaded import LoadedModel, ModelLoadError, describe_load_failure
+from fnabench.models.registry import load_model
 from fnabench.patching.core import PatchHandle, UnsupportedModelError, patch
 from fnabench.variants import SpecError, parse_variant
 
@@ -242,10 +243,6 @@ class _Current:
 _CURRENT: _Current | None = None
 
 
-#: resolves fnabench model names (``tiny:open_clip``, ``open_clip:NAME@TAG``); the harness's console
-#: script sets it to the registry's ``load_model`` (adapters never import the harness)
-MODEL_LOADER: Callable[..., LoadedModel] | None = None
-
 
 def load_for_clip_benchmark(model_name: str, pretrained: str | None = None, cache_dir: str | None = None,
                             device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable]:
@@ -256,10 +253,8 @@ def load_for_clip_benchmark(model_name: str, pretrained: str | None = None, cach
     """
     current = _CURRENT or _Current()
     if ":" in model_name:
-        if MODEL_LOADER is None:
-            raise ModelLoadError(f"{model_name}: fnabench model names need the fnabench-clip-benchmark command")
         try:
-            loaded = MODEL_LOADER(model_name, image_size=current.image_size)
+            loaded = load_model(model_name, image_size=current.image_size)
         except KeyError as err:  # the registry's RegistryError: an unknown name, with the accepted ones
             raise ModelLoadError(str(err)) from None
         tokenizer, _ = text_side(loaded)

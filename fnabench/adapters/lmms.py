@@ -1,14 +1,15 @@
 """lmms-eval model ``fnabench``: a LLaVA-family transformers model with a fnabench variant patched in.
 
 Registered through the entry-point group ``lmms_eval.models`` (pyproject.toml → :func:`manifests`), so
-``python -m lmms_eval --model fnabench --model_args pretrained=DIR,variant=fna:m=64,placement=language``
+``python -m lmms_eval --model fnabench --model_args pretrained=DIR,variant=fna:m=64,tower=text``
 finds it with fnabench installed. ``--model_args`` keys:
 
 - ``pretrained``: a local checkpoint folder or a hub id (transformers' own cache);
 - ``variant``: any fnabench spec. Its own commas may stay: keys after ``variant=`` that are not one of
-  this model's arguments belong to the spec (``variant=fna:m=64,layers=12:,placement=language``), or
-  write ``;`` for them (``variant=fna:m=64;layers=12:``);
-- ``placement``: ``vision`` (default), ``language`` or ``both`` (the spec's ``tower``: image, text, all);
+  this model's arguments belong to the spec (``variant=fna:m=64,layers=12:,tower=text``), or
+  write ``;`` for them (``variant=fna:m=64;layers=12:``). Where the variant goes is the spec's own
+  ``tower``: ``image`` (the vision tower, the default), ``text`` (the language model) or ``all``;
+- ``placement``: the older word for it, kept: ``vision``, ``language`` or ``both`` (image, text, all);
 - ``dtype`` (float32), ``device`` (cpu, or cuda), ``batch_size`` (1), ``max_new_tokens`` (default for
   tasks that set none: 32).
 """
@@ -29,6 +30,8 @@ lmms_base = require("lmms_eval.api.model").lmms
 
 MODEL_ID = "fnabench"
 #: this model's own --model_args keys; any other key given after variant= is a key of the variant spec
+#: (``tower=image|text|all`` is a key of the variant spec, as everywhere; ``placement=vision|language|both`` is
+#: its older alias, kept)
 OWN_ARGS = ("pretrained", "variant", "placement", "dtype", "device", "batch_size", "max_batch_size",
             "max_new_tokens")
 
@@ -62,7 +65,7 @@ class FnabenchLLaVA(lmms_base):
 
     is_simple = True
 
-    def __init__(self, pretrained: str | None = None, variant: str = "exact", placement: str = "vision",
+    def __init__(self, pretrained: str | None = None, variant: str = "exact", placement: str | None = None,
                  dtype: str = "float32", device: str = "cpu", batch_size: int | str = 1,
                  max_batch_size: int | None = None, max_new_tokens: int = 32, *, model=None, processor=None,
                  patched: bool = False, **spec_keys: Any) -> None:

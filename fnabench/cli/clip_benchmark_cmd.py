@@ -11,12 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from fnabench.adapters import clip_benchmark
-from fnabench.models.registry import load_model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run CLIP_benchmark's CLI with fnabench's model type and model names available."""
-    clip_benchmark.MODEL_LOADER = load_model
     return clip_benchmark.main(argv)
 
 

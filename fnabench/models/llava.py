@@ -25,11 +25,11 @@ from fnabench._errors import UserError
 from fnabench._extras import require
 from fnabench.data.generated import vqa as scenes
 from fnabench.models.loaded import LoadedModel, ModelInputError, describe_load_failure
-from fnabench.models.offline.llava_shapes_training import train
 from fnabench.variants import Variant, parse_variant
 from fnabench.variants.spec import COMPONENTS
 
-#: lmms-eval's placement → the variant's tower key
+#: where a variant goes, in the spec's own word (``tower``), and the lmms-eval ``placement=`` words kept as aliases
+TOWERS = ("image", "text", "all")
 PLACEMENTS = {"vision": "image", "language": "text", "both": "all"}
 #: transformers classes this module loads (AutoModelForImageTextToText picks the right one from the config)
 FAMILIES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
@@ -38,21 +38,23 @@ FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
 class PlacementError(UserError, ValueError):
-    """A placement that is not one of vision, language, both, or that contradicts the spec's tower."""
+    """A tower that is not one of image, text, all (or vision, language, both), or that contradicts the spec's."""
 
 
 def place(spec: str | Variant, placement: str | None) -> Variant:
-    """``spec`` with its components' ``tower`` set from ``placement`` (vision → image, language → text,
-    both → all). A tower the spec names itself must agree; ``None`` leaves the spec as written.
+    """``spec`` with its components' ``tower`` set to ``placement``: a tower (image, text, all), or its alias
+    (vision → image, language → text, both → all). A tower the spec names itself must agree; ``None`` leaves
+    the spec as written.
 
     ``language`` and ``both`` resolve the keys the spec leaves out to their causal-safe defaults
     (``Variant.for_causal``: stride landmarks, ridge inverse); keys it names stay."""
     variant = parse_variant(spec)
-    if placement is None:
-        return variant
-    if placement not in PLACEMENTS:
-        raise PlacementError(f"unknown placement {placement!r}; accepted: {', '.join(PLACEMENTS)}")
-    tower = PLACEMENTS[placement]
+    if placement is None:  # the spec says where: in the language model its unnamed keys are the causal-safe ones
+        return variant.for_causal() if "text" in variant.towers() else variant
+    if placement not in TOWERS and placement not in PLACEMENTS:
+        raise PlacementError(f"unknown placement {placement!r}; accepted: {', '.join(TOWERS)} (or their aliases "
+                             f"{', '.join(PLACEMENTS)})")
+    tower = PLACEMENTS.get(placement, placement)
     parts = []
     for component in (variant.core, variant.mask, variant.flow):
         if component is None or "tower" not in component.values:
@@ -253,13 +255,3 @@ def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
                               "(leave image_sizes out of the sweep config)")
     model, processor = load_pretrained(spec)
     return loaded_model(f"llava:{spec}", model, processor)
-
-
-def load_offline(spec: str, *, image_size: int | None = None) -> LoadedModel:
-    """``offline:llava-shapes``: the offline VQA model (tasks/vqa), trained here on first use and cached."""
-    if image_size is not None:
-        raise ModelInputError(f"offline:{spec} takes {spec}'s own image size; accepted: no image_sizes")
-    folder = train()
-    model, processor = load_pretrained(str(folder))
-    return loaded_model(f"offline:{spec}", model, processor)
-

@@ -29,7 +29,7 @@ for _hf in ("hf-clip", "hf-siglip", "hf-dinov2"):
 
 MODELS.register("llava", "fnabench.models.llava:load_model",
                 "llava:<folder-or-hub-id> — a LLaVA-family transformers checkpoint (variants: tower=image|text|all)")
-MODELS.register("offline:llava-shapes", "fnabench.models.llava:load_offline",
+MODELS.register("offline:llava-shapes", "fnabench.models.offline.llava_shapes:load_model",
                 "LLaVA on the real DINOv2-S with a small LM trained here on generated VQA (trained once, cached)")
 MODELS.register("recall", "fnabench.tasks.recall.task:load_model",
                 "recall:<preset-or-run>[@seedN] — a trained recall GPT-2 (a preset is trained once, then cached)")

@@ -30,7 +30,7 @@ from fnabench._errors import UserError
 from fnabench._io import write_atomic
 from fnabench.data.cache import cache_root, content_hash
 from fnabench.data.generated import vqa as sc
-from fnabench.models.offline.llava_shapes import EOS, IMAGE, PAD, Architecture, build_model, build_processor
+from fnabench.models.offline.llava_shapes_arch import EOS, IMAGE, PAD, Architecture, build_model, build_processor
 
 #: marker written last into a finished checkpoint folder
 DONE = "fnabench_training.json"
