@@ -245,7 +245,10 @@ COMMANDS = [
 
 
 @pytest.mark.parametrize("argv, fragment", COMMANDS, ids=[" ".join(a[:4]) or "(none)" for a, _ in COMMANDS])
-def test_bad_command_is_one_line_exit_2_and_changes_nothing(argv, fragment, workspace, capsys, monkeypatch):
+def test_bad_command_is_one_line_exit_2_and_changes_nothing(argv, fragment, workspace, capsys, monkeypatch,
+                                                            tmp_path):
+    if "sbatch/srun not found" in fragment:  # the environment this case states: a PATH without SLURM's commands
+        monkeypatch.setenv("PATH", str(tmp_path))
     _assert_one_line_exit_2(argv, fragment, workspace, capsys, monkeypatch)
 
 
