@@ -3,7 +3,9 @@
 A mistake in what the user asked (a bad config, an unknown name, a path that cannot be written, a
 missing extra) is one line on stderr naming what is wrong and what is accepted, exit 2, no
 traceback. Exit 1 is kept for what a command found (``check``: a regression; ``run``: failed
-cells). Anything else (a bug, a full disk) is a traceback and exit 3, so CI can tell the three apart.
+cells). A service the machine needs that refuses or cannot be reached (a SLURM controller, its
+``sbatch``/``squeue``/``sacct``) is one line quoting that service, exit 4: the machine, not the input.
+Anything else (a bug, a full disk) is a traceback and exit 3, so CI can tell them apart.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ EXIT_OK = 0
 EXIT_FOUND = 1  # check: a regression; run: some cells failed (their records say why)
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_ENVIRONMENT = 4  # a service the machine needs refused or is unreachable (scheduler): not the input's fault
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `cmd | head`
 
@@ -36,6 +39,11 @@ class TaskError(UserError, ValueError):
     Raised by the tasks and by the data they read (``fnabench.tasks.base`` re-exports it)."""
 
 
+class EnvironmentFault(Exception):
+    """A service the machine needs refused the work or cannot be reached (e.g. the SLURM controller); the message
+    quotes it in one line. Not a :class:`UserError`: the input may be fine; exit 4."""
+
+
 def one_line(err: BaseException) -> str:
     """An error's message on one line (what ``str`` gives, whitespace collapsed)."""
     text = " ".join(str(err).split())
@@ -51,6 +59,9 @@ def guarded(prog: str, command: Callable[[], int]) -> int:
     except UserError as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except EnvironmentFault as err:
+        print(f"{prog}: error (the machine, not your input): {one_line(err)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except BrokenPipeError:  # `fnabench leaderboard ... | head` closed our stdout
         _silence_stdout()
         return EXIT_BROKEN_PIPE

@@ -202,3 +202,29 @@ def test_without_the_cluster_extra_an_executor_is_one_line_naming_it(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install 'fnabench[cluster]'" in err
     assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("refusal", [
+    "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)",
+    "sbatch: error: Batch job submission failed: Invalid partition name specified",
+    "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+])
+def test_a_scheduler_refusal_is_one_line_quoting_it_exit_4_and_leaves_nothing(tmp_path, capsys, monkeypatch, refusal):
+    """The environment this states: an sbatch that refuses every job (as a site with its controller down does)."""
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun"):
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\necho '{refusal}' >&2\nexit 1\n")
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (tmp_path / "sweep.toml").write_text(SWEEP + '\n[executor]\nkind = "slurm"\n')
+    assert main(["run", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "res"), "--quiet"]) == 4
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert "the machine, not your input" in lines[0] and refusal.split("failed: ")[1] in lines[0]
+    jobs = tmp_path / "res" / ".jobs"
+    assert not jobs.exists() or not list(jobs.iterdir())  # no pickles or scripts a rerun would trip over
+    assert not list((tmp_path / "res").glob("*.json"))

@@ -13,9 +13,12 @@ validating the ``[executor]`` table needs nothing but the standard library.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fnabench._errors import one_line
+from fnabench._errors import EnvironmentFault, one_line
 from fnabench._extras import require
 from fnabench.harness import claims
 from fnabench.harness import records as rec
@@ -243,14 +246,41 @@ def submit(config, settings: ExecutorSettings, *, retime: bool = False,
             for group in planned]
     if settings.kind == "local":
         return _run_local(executor, args, settings, result, out, log)
-    with executor.batch():
-        handles = [executor.submit(CellJob(), *a) for a in args]
+    before = set(folder.iterdir())
+    try:  # submitit echoes a failed sbatch's stderr itself; the one line below quotes it instead
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+            handles = [executor.submit(CellJob(), *a) for a in args]
+    except (subprocess.CalledProcessError, _submitit_error()) as err:
+        for path in set(folder.iterdir()) - before:  # the refused jobs' pickles and scripts: nothing to trip over
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise SchedulerError(f"sbatch refused the submission: {scheduler_message(err)}; nothing was submitted "
+                             f"and nothing was left in {folder}; rerun the same command once the scheduler "
+                             "accepts jobs") from None
     for handle, a in zip(handles, args, strict=True):
         _note_submission(out, handle, a[1], settings.kind)
         result.jobs.append((str(handle.job_id), a[1]))
     if settings.waits():
         _wait(list(zip(handles, args, strict=True)), result, log)
     return result
+
+
+class SchedulerError(EnvironmentFault):
+    """The scheduler refused a submission or a query (controller down, unknown partition or account, an option or
+    time limit the site rejects): its own words in one line, exit 4."""
+
+
+def _submitit_error() -> type[BaseException]:
+    return _require_submitit().core.utils.FailedJobError
+
+
+def scheduler_message(err: BaseException) -> str:
+    """The scheduler's own line from a failed ``sbatch``/``squeue``/``sacct`` call (its first ``error:`` line)."""
+    text = str(getattr(err, "stderr", None) or err)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [type(err).__name__])[0]
 
 
 def _note_submission(out: Path, handle, cell_ids: list[str], kind: str) -> None:
