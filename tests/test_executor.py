@@ -228,3 +228,22 @@ def test_a_scheduler_refusal_is_one_line_quoting_it_exit_4_and_leaves_nothing(tm
     jobs = tmp_path / "res" / ".jobs"
     assert not jobs.exists() or not list(jobs.iterdir())  # no pickles or scripts a rerun would trip over
     assert not list((tmp_path / "res").glob("*.json"))
+
+
+def test_a_wait_on_an_unreachable_controller_ends_in_one_line_exit_4(tmp_path, capsys, monkeypatch):
+    """sbatch accepts the jobs, then the controller goes away: squeue (and sacct) refuse every call."""
+    pytest.importorskip("submitit")
+    from fnabench.harness import executor
+
+    _fake_slurm(tmp_path / "bin", tmp_path)
+    refusal = "squeue: error: Unable to contact slurm controller (connect failure)"
+    for name in ("squeue", "sacct"):
+        script = tmp_path / "bin" / name
+        script.write_text(f"#!/bin/sh\necho '{refusal.replace('squeue', name)}' >&2\nexit 1\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(executor, "SCHEDULER_POLL_S", 0.0)
+    (tmp_path / "sweep.toml").write_text(SWEEP + '\n[executor]\nkind = "slurm"\n')
+    assert main(["run", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "res"), "--quiet", "--wait"]) == 4
+    lines = [line for line in capsys.readouterr().err.splitlines() if "the machine, not your input" in line]
+    assert len(lines) == 1 and refusal in lines[0] and "fnabench status" in lines[0]

@@ -260,7 +260,7 @@ def submit(config, settings: ExecutorSettings, *, retime: bool = False,
         _note_submission(out, handle, a[1], settings.kind)
         result.jobs.append((str(handle.job_id), a[1]))
     if settings.waits():
-        _wait(list(zip(handles, args, strict=True)), result, log)
+        _wait(list(zip(handles, args, strict=True)), result, log, slurm=True)
     return result
 
 
@@ -318,12 +318,43 @@ def _run_local(executor, args: list[tuple], settings: ExecutorSettings, result: 
     return result
 
 
-def _wait(pairs: list[tuple], result: Submission, log: Callable[[str], None]) -> None:
+#: while waiting on SLURM jobs: how often squeue is asked, and after how many refusals in a row the wait stops
+SCHEDULER_POLL_S = 30.0
+SCHEDULER_REFUSALS = 3
+
+
+def squeue_refusal(job_ids: list[str]) -> str | None:
+    """None while ``squeue`` answers for these jobs; else its own error line (controller down, ...).
+
+    submitit's own watcher only warns when ``sacct`` fails and keeps polling, so a wait on an unreachable
+    controller would never end."""
+    try:
+        subprocess.run(["squeue", "--noheader", "-j", ",".join(job_ids)], capture_output=True, text=True,
+                       timeout=60, check=True)
+    except FileNotFoundError:
+        return "squeue not found on PATH"
+    except subprocess.TimeoutExpired:
+        return "squeue did not answer within 60 s"
+    except subprocess.CalledProcessError as err:
+        return scheduler_message(err)
+    return None
+
+
+def _wait(pairs: list[tuple], result: Submission, log: Callable[[str], None], slurm: bool = False) -> None:
+    refusals, last_poll = 0, time.monotonic()
     try:
         while pairs:
             for pair in [p for p in pairs if p[0].done()]:
                 pairs.remove(pair)
                 _collect(*pair, result, log)
+            if slurm and pairs and time.monotonic() - last_poll >= SCHEDULER_POLL_S:
+                last_poll = time.monotonic()
+                refusal = squeue_refusal([str(p[0].job_id) for p in pairs])
+                refusals = refusals + 1 if refusal else 0
+                if refusals >= SCHEDULER_REFUSALS:
+                    raise SchedulerError(f"squeue refused {refusals} times in a row while fnabench waited for its "
+                                         f"jobs: {refusal}; the jobs may still run: follow them with fnabench "
+                                         f"status {result.out} once the scheduler answers")
             time.sleep(2.0)
     except KeyboardInterrupt:
         log("stopped waiting; the jobs go on. Follow them with: fnabench status " + str(result.out))
