@@ -111,7 +111,7 @@ def test_a_killed_runners_claim_is_taken_over_at_once(tmp_path):
     taken.release()
 
 
-@pytest.mark.parametrize("attempt", range(20))  # the race once lost about one run in ten
+@pytest.mark.parametrize("attempt", range(50))  # lost one run in ten: 50 runs catch that 99.5 % of the time
 def test_only_one_of_many_racers_takes_over_a_stale_claim(tmp_path, attempt):
     _foreign_claim(tmp_path, "race", age_s=10_000)
     won, barrier = [], threading.Barrier(8)
