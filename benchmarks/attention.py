@@ -37,7 +37,7 @@ from benchutil import (
 
 import fnabench
 from fnabench.variants import ForwardState, Variant, parse_variant
-from fnabench.variants.fna import nystrom_attention
+from fnabench.variants.fna import fna_attention
 from fnabench.variants.landmarks import farthest_point_sampling
 
 DEFAULT_SIZES = [256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -169,7 +169,7 @@ def breakdown(args: argparse.Namespace, variant: Variant, q: torch.Tensor, k: to
         idx = select()
     kw = {"device": device, "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget / 2}
     sel = timed(select, **kw)
-    nys = timed(lambda: nystrom_attention(q, k, v, idx, pinv=core["pinv"], pinv_iters=core["iters"]), **kw)
+    nys = timed(lambda: fna_attention(q, k, v, idx, pinv=core["pinv"], pinv_iters=core["iters"]), **kw)
     return sel.median * 1e3, nys.median * 1e3
 
 

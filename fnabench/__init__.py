@@ -1,7 +1,7 @@
 """fnabench: what a training-free attention approximation costs and buys in a pretrained transformer.
 
 Public API: :func:`patch`, :func:`parse_variant`, :func:`count_flops`, :func:`analyze`; the pure FNA function is
-``fnabench.variants.fna.nystrom_attention``.
+``fnabench.variants.fna.fna_attention``.
 """
 
 from fnabench._version import __version__

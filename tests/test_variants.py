@@ -43,18 +43,26 @@ def _formula_reference(q, k, v, idx, pinv, iters):
 
 
 @pytest.mark.parametrize("pinv", ["newton", "exact"])
-def test_nystrom_attention_matches_formula_reference(pinv):
+def test_fna_attention_matches_formula_reference(pinv):
     q, k, v = _qkv()
     idx = torch.stack([torch.randperm(40)[:12] for _ in range(2)])
-    out = nystrom_attention(q, k, v, idx, pinv=pinv, pinv_iters=6)
+    out = fna_attention(q, k, v, idx, pinv=pinv, pinv_iters=6)
     assert out.shape == q.shape
     assert rel_err(out, _formula_reference(q, k, v, idx, pinv, 6)) <= 1e-10
+
+
+def test_nystrom_attention_is_a_deprecated_alias_of_fna_attention():
+    q, k, v = _qkv(n=20)
+    idx = torch.stack([torch.randperm(20)[:6] for _ in range(2)])
+    with pytest.warns(DeprecationWarning, match="fna_attention"):
+        out = nystrom_attention(q, k, v, idx, pinv="exact", pinv_iters=3)
+    assert torch.equal(out, fna_attention(q, k, v, idx, pinv="exact", pinv_iters=3))
 
 
 def test_all_tokens_as_landmarks_is_exact():
     q, k, v = _qkv(n=50)
     idx = torch.arange(50).expand(2, 50)
-    assert rel_err(nystrom_attention(q, k, v, idx, pinv="exact"), exact_attention(q, k, v)) <= 1e-6
+    assert rel_err(fna_attention(q, k, v, idx, pinv="exact"), exact_attention(q, k, v)) <= 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -62,7 +70,7 @@ def test_dtypes_supported_and_close(dtype):
     q, k, v = _qkv(n=64, dtype=torch.float32)
     idx = torch.arange(64).expand(2, 64)
     ref = exact_attention(q, k, v)
-    out = nystrom_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, pinv_iters=20)
+    out = fna_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, pinv_iters=20)
     assert out.dtype == dtype
     tol = {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
     assert rel_err(out.float(), ref) <= tol
@@ -88,7 +96,7 @@ def test_fps_and_norm_beat_random_with_planted_sinks():
         "norm": lm.norm_first_selection(q.mean(1), x.norm(dim=-1), 64, ratio=3.0, num_prefix=1, guarantee=cls),
         "random": lm.random_selection(1, 577, 64, seed=0, device="cpu", guarantee=cls),
     }
-    errors = {name: rel_err(nystrom_attention(q, k, v, idx), ref) for name, idx in selections.items()}
+    errors = {name: rel_err(fna_attention(q, k, v, idx), ref) for name, idx in selections.items()}
     assert set(sinks) <= set(selections["fps"][0].tolist())
     assert set(sinks) <= set(selections["norm"][0].tolist())
     assert errors["fps"] < 0.5 * errors["random"], errors
@@ -98,7 +106,7 @@ def test_fps_and_norm_beat_random_with_planted_sinks():
 def test_error_falls_as_m_grows_with_fps():
     _, q, k, v = _planted()
     ref = exact_attention(q, k, v)
-    errors = [rel_err(nystrom_attention(q, k, v, lm.farthest_point_sampling(q.mean(1), m)), ref)
+    errors = [rel_err(fna_attention(q, k, v, lm.farthest_point_sampling(q.mean(1), m)), ref)
               for m in (16, 64, 256)]
     assert errors[0] > errors[1] > errors[2], errors
 
@@ -107,7 +115,7 @@ def test_error_falls_as_m_grows_with_fps():
 def test_no_nan_or_inf_in_half_precision_with_sinks(dtype):
     _, q, k, v = _planted(factor=30.0, dtype=dtype)
     idx = lm.farthest_point_sampling(q.mean(1).float(), 64)
-    out = nystrom_attention(q, k, v, idx)
+    out = fna_attention(q, k, v, idx)
     assert torch.isfinite(out).all()
     assert rel_err(out.float(), exact_attention(q.float(), k.float(), v.float())) < 1.0
     nys = segment_mean_attention(q, k, v, 32)

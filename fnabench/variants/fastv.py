@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from fnabench.variants.component import FLOW, ComponentDecl
 from fnabench.variants.flow import TokenFlow
+from fnabench.variants.params import LayerSlice, Param, choice, parse_int, parse_slice
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -110,3 +112,19 @@ class FastV(TokenFlow):
 def _rows(t: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Rows ``kept`` [B, N'] of ``t`` [B, N, d] along dim 1."""
     return t.gather(1, kept[..., None].expand(-1, -1, t.shape[-1]))
+
+
+COMPONENT = ComponentDecl(
+    "fastv", FLOW,
+    {
+        "tokens": Param(parse_int, 64, "an integer >= 0", lambda v: v >= 0),
+        "layers": Param(parse_slice, LayerSlice(2, None, single=True), "one block index such as 2",
+                        lambda v: v.single),
+        "tower": choice("text"),
+    },
+    # in a multimodal model's language model, after the attention of block `layers`, keep the `tokens` image
+    # tokens that receive most attention, and every text token
+    "FastV-style: the most attended image tokens kept after one block of the language model",
+    always_shown=frozenset({"tokens"}),
+    flow_class=FastV,
+)

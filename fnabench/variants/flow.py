@@ -8,20 +8,22 @@ Adapters patch each block of a tower (adapters/core.py, ``BlockKind``) so that i
     x = x + mlp(norm2(x))
 
 and the tower's last block ends with :meth:`TokenFlow.finish`, which gives every input position a token
-again (dense heads, pooling and intermediate taps see the original token grid). :class:`ToMe` is the first
-member; VisionZip-style reduction (variants/visionzip.py: dominant and merged contextual tokens after block
-k) and FastV-style pruning (variants/fastv.py: image tokens with little attention dropped inside a decoder,
-``causal = True``) are the others, each a subclass of :class:`TokenFlow` with its own ``between`` and ``finish``.
+again (dense heads, pooling and intermediate taps see the original token grid). ToMe (variants/tome.py: ``r``
+tokens merged per block) is the first member; VisionZip-style reduction (variants/visionzip.py: dominant and
+merged contextual tokens after block k) and FastV-style pruning (variants/fastv.py: image tokens with little
+attention dropped inside a decoder, ``causal = True``) are the others, each a subclass of :class:`TokenFlow`
+with its own ``between`` and ``finish``, named by its component declaration (``ComponentDecl.flow_class``;
+variants/flows.py looks it up).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fnabench.variants.spec import Component
-from fnabench.variants.tome import merge, plan_merge, unmerge
+if TYPE_CHECKING:  # the registry (imported by spec.py) imports the flows, which import this module
+    from fnabench.variants.spec import Component
 
 
 class TokenFlow:
@@ -67,44 +69,3 @@ class TokenFlow:
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """A block's output read from outside the flow (an intermediate tap): at the original positions."""
         return self.finish(x)
-
-
-class ToMe(TokenFlow):
-    """Token merging: ``r`` tokens merged per block in ``layers`` by bipartite soft matching on the keys,
-    sizes tracked, proportional attention (``prop_attn``: logits + log size), unmerged at the end."""
-
-    def start(self, x: torch.Tensor) -> None:
-        super().start(x)
-        self.size: torch.Tensor | None = None  # [B, N, 1] patches per token, None until the first merge
-        self.where: torch.Tensor | None = None  # [B, N_in]: each input position's token
-        self.metric: torch.Tensor | None = None
-
-    def attention(self, q, k, attn_mask):
-        if self.layer in self.layers:
-            self.metric = k.mean(dim=1)  # keys averaged over heads: [B, N, d]
-        if self.size is None or not self.component["prop_attn"]:
-            return attn_mask
-        bias = self.size.log().to(q.dtype).transpose(1, 2)[:, None]  # [B, 1, 1, N]
-        if attn_mask is None:
-            return bias
-        if attn_mask.dtype == torch.bool:
-            return bias.masked_fill(~attn_mask, float("-inf"))
-        return attn_mask + bias
-
-    def between(self, layer, x):
-        metric, self.metric = self.metric, None
-        if layer not in self.layers or metric is None:
-            return x
-        plan = plan_merge(metric, self.component["r"], self.num_prefix)
-        if plan is None:
-            return x
-        size = self.size if self.size is not None else torch.ones_like(x[..., :1])
-        step = plan.new_index(x.shape[1])
-        self.where = step if self.where is None else step.gather(1, self.where)
-        x, self.size = merge(x, size, plan)
-        return x
-
-    def finish(self, x):
-        if self.where is None or x.shape[1] == self.tokens_in:
-            return x
-        return unmerge(x, self.where)

@@ -1,21 +1,21 @@
-"""Every token-flow class by component name, and the per-tower flow object a patch attaches."""
+"""The token-flow class of a component (its declaration names it), and the per-tower flow object a patch attaches."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fnabench.variants.fastv import FastV
-from fnabench.variants.flow import TokenFlow, ToMe
+from fnabench.variants.components import DECLARATIONS, FLOW_COMPONENTS
+from fnabench.variants.flow import TokenFlow
 from fnabench.variants.spec import Component
-from fnabench.variants.visionzip import VisionZip
-
-#: token-flow component name → the class that runs it (variants/flow.py, visionzip.py, fastv.py)
-FLOW_CLASSES: dict[str, type[TokenFlow]] = {"tome": ToMe, "visionzip": VisionZip, "fastv": FastV}
 
 
 def flow_class(name: str) -> type[TokenFlow]:
-    """The class of the token flow ``name``."""
-    return FLOW_CLASSES[name]
+    """The class of the token flow ``name`` (KeyError for a name that is no token flow)."""
+    if name not in FLOW_COMPONENTS:
+        raise KeyError(name)
+    cls = DECLARATIONS[name].flow_class
+    assert cls is not None  # ComponentDecl refuses a token flow without one
+    return cls
 
 
 def make_flow(component: Component, num_layers: int, num_prefix: int, state: Any = None) -> TokenFlow:

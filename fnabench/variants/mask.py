@@ -15,9 +15,16 @@ matplotlib's grace_hopper at 448 px), so the default masks a handful of tokens t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from fnabench.variants.component import MODIFIER, ComponentDecl
 from fnabench.variants.landmarks import high_norm_tokens
+from fnabench.variants.params import LAYERS, RATIO, TOWER, Param, choice
+
+if TYPE_CHECKING:
+    from fnabench.variants.spec import Component
 
 
 def detect_tokens(
@@ -70,3 +77,30 @@ def key_keep_mask(key_masked: torch.Tensor) -> torch.Tensor:
 def zero_values(v: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """v [B, H, N, d] with the masked tokens' values set to zero."""
     return v.masked_fill(masked[:, None, :, None], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the component (applied by the variant: variant.py, ``Variant._apply_mask``)
+
+
+def _check(mask: Component) -> str | None:
+    if mask["massive_ratio"] <= mask["artifact_ratio"]:
+        return (f"mask massive_ratio must exceed artifact_ratio "
+                f"(got {mask['massive_ratio']:g} <= {mask['artifact_ratio']:g})")
+    return None
+
+
+COMPONENT = ComponentDecl(
+    "mask", MODIFIER,
+    {
+        "tokens": choice("artifact", "massive", "all", "first"),
+        "action": choice("keys", "values"),
+        "layers": LAYERS,
+        "tower": TOWER,
+        "artifact_ratio": Param(float, 3.0, RATIO, lambda v: v > 1),
+        "massive_ratio": Param(float, 20.0, RATIO, lambda v: v > 1),
+        "detect": choice("each", "first"),
+    },
+    "massive/artifact tokens by residual norm, removed as keys or their values zeroed",
+    check=_check,
+)

@@ -5,7 +5,8 @@ two sets A and B; each A token is joined by an edge to its most similar B token 
 the attention keys, averaged over heads); the r most similar edges are kept and each of those A tokens
 is merged into its B token by a size-weighted average. Sizes add up, so a merged token knows how many
 input patches it stands for, and :class:`MergePlan` also says where each original position went, so a
-dense output can be expanded back to every position (:func:`unmerge`).
+dense output can be expanded back to every position (:func:`unmerge`). :class:`ToMe` runs it as a token
+flow (variants/flow.py): ``r`` tokens merged after the attention of each block in ``layers``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from fnabench.variants.component import FLOW, ComponentDecl
+from fnabench.variants.flow import TokenFlow
+from fnabench.variants.params import LAYERS, Param, choice, parse_bool, parse_int
 
 
 @dataclass
@@ -94,3 +99,64 @@ def _combine(t: torch.Tensor, plan: MergePlan) -> torch.Tensor:
 def unmerge(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Tokens [B, N', C] back at their original positions: ``where`` [B, N] gives, per position, its token."""
     return x.gather(1, where[..., None].expand(-1, -1, x.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the token flow and the component
+
+
+class ToMe(TokenFlow):
+    """Token merging: ``r`` tokens merged per block in ``layers`` by bipartite soft matching on the keys,
+    sizes tracked, proportional attention (``prop_attn``: logits + log size), unmerged at the end."""
+
+    def start(self, x: torch.Tensor) -> None:
+        super().start(x)
+        self.size: torch.Tensor | None = None  # [B, N, 1] patches per token, None until the first merge
+        self.where: torch.Tensor | None = None  # [B, N_in]: each input position's token
+        self.metric: torch.Tensor | None = None
+
+    def attention(self, q, k, attn_mask):
+        if self.layer in self.layers:
+            self.metric = k.mean(dim=1)  # keys averaged over heads: [B, N, d]
+        if self.size is None or not self.component["prop_attn"]:
+            return attn_mask
+        bias = self.size.log().to(q.dtype).transpose(1, 2)[:, None]  # [B, 1, 1, N]
+        if attn_mask is None:
+            return bias
+        if attn_mask.dtype == torch.bool:
+            return bias.masked_fill(~attn_mask, float("-inf"))
+        return attn_mask + bias
+
+    def between(self, layer, x):
+        metric, self.metric = self.metric, None
+        if layer not in self.layers or metric is None:
+            return x
+        plan = plan_merge(metric, self.component["r"], self.num_prefix)
+        if plan is None:
+            return x
+        size = self.size if self.size is not None else torch.ones_like(x[..., :1])
+        step = plan.new_index(x.shape[1])
+        self.where = step if self.where is None else step.gather(1, self.where)
+        x, self.size = merge(x, size, plan)
+        return x
+
+    def finish(self, x):
+        if self.where is None or x.shape[1] == self.tokens_in:
+            return x
+        return unmerge(x, self.where)
+
+
+COMPONENT = ComponentDecl(
+    "tome", FLOW,
+    {
+        "r": Param(parse_int, 8, "an integer >= 0", lambda v: v >= 0),
+        "layers": LAYERS,
+        "tower": choice("image"),
+        "prop_attn": Param(parse_bool, True, "true | false"),
+    },
+    # after the attention of each block in `layers`, r tokens merged by bipartite soft matching on the keys,
+    # sizes tracked and weighed by attention (prop_attn); at the tower's end copied back to every position
+    "token merging (ToMe): r tokens merged per block, unmerged at the tower's end",
+    always_shown=frozenset({"r"}),
+    flow_class=ToMe,
+)

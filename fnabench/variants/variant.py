@@ -1,8 +1,9 @@
 """A parsed variant and the per-forward state it needs: what adapters call in place of attention.
 
 Adapters compute q, k, v from a module's own weights and call :meth:`Variant.attend` with the
-tower's :class:`ForwardState`; the variant decides, by tower and layer, whether that call is exact,
-FNA, Nyström or null, and whether masking applies.
+tower's :class:`ForwardState`; the variant decides, by tower and layer, whether the core's own attention
+runs there (its declaration's ``attend``/``attend_causal``, variants/component.py) or exact attention,
+and whether masking applies.
 """
 
 from __future__ import annotations
@@ -13,19 +14,16 @@ from typing import Any
 import torch
 
 from fnabench.measure import count_flops_aside
-from fnabench.variants import landmarks as lm
-from fnabench.variants.causal import causal_fna_attention, causal_order, causal_segment_attention, stride_positions
-from fnabench.variants.exact import exact_attention, sdpa_attention
-from fnabench.variants.fna import fna_attention
-from fnabench.variants.mask import choose, detect_tokens, key_keep_mask, zero_values
-from fnabench.variants.nystrom import segment_mean_attention
-from fnabench.variants.spec import Component, SpecError, parse_flow
+from fnabench.variants import landmarks as lm  # noqa: F401  (variant.lm: the selectors, as callers reach them)
+from fnabench.variants.components import EXACT
+from fnabench.variants.mask import choose, detect_tokens, zero_values
+from fnabench.variants.params import format_value
+from fnabench.variants.spec import Component, SpecError, parse_component, parse_flow
 
 #: profiler range around every variant call; fnabench/measure.py counts FLOPs inside it as attention
 ATTENTION_RANGE = "fnabench::attention"
-#: landmark selectors that look at the whole sequence: on causal attention later tokens would pick
-#: the landmarks earlier tokens use, so they run there only when the spec names them
-LEAKY_SELECTORS = ("fps", "norm")
+#: the reference core with its defaults: where a core does not run, this one does
+EXACT_CORE = parse_component(EXACT, EXACT)
 
 
 @dataclass
@@ -103,39 +101,35 @@ class Variant:
 
     @property
     def is_exact(self) -> bool:
-        return self.core.name == "exact" and self.mask is None and self.flow is None
+        return self.core.decl.exact and self.mask is None and self.flow is None
 
     def for_causal(self) -> Variant:
-        """This variant as it runs on causal attention: an unnamed ``landmarks`` becomes ``stride`` and an
-        unnamed ``pinv`` becomes ``ridge`` (variants/causal.py); named values are kept, leaky or not."""
+        """This variant as it runs on causal attention: its core's unnamed keys take their causal-safe defaults
+        (``ComponentDecl.causal_defaults``; fna: ``landmarks=stride``, fna and nystrom: ``pinv=ridge``,
+        variants/causal.py); named values are kept, leaky or not."""
         core = self.core
-        if core.name not in ("fna", "nystrom"):
-            return self
-        change = {}
-        if core.name == "fna" and "landmarks" not in core.given:
-            change["landmarks"] = "stride"
-        if "pinv" not in core.given:
-            change["pinv"] = "ridge"
-        return Variant(core.with_values(**change), self.mask) if change else self
+        change = {k: v for k, v in core.decl.causal_defaults.items() if k not in core.given}
+        return Variant(core.with_values(**change), self.mask, self.flow) if change else self
 
     def label(self, causal: bool = False) -> str:
         """The table's name: :attr:`short`; on causal attention a whole-sequence selector is named and
         flagged, since it lets later tokens choose earlier landmarks."""
         if not (causal and self.leaks_future):
             return self.short
-        named = f"landmarks={self.core['landmarks']}"
-        short = self.short if named in self.short else self.short.replace("fna:", f"fna:{named},", 1)
+        core = self.core
+        named = f"{core.decl.leaky_key}={format_value(core[core.decl.leaky_key])}"
+        short = self.short if named in self.short else self.short.replace(f"{core.name}:", f"{core.name}:{named},", 1)
         return short + " (sees the future)"
 
     @property
     def leaks_future(self) -> bool:
         """On causal attention, whether later tokens can change earlier outputs (a whole-sequence selector)."""
-        return self.core.name == "fna" and self.core["landmarks"] in LEAKY_SELECTORS
+        return self.core.decl.leaks_future(self.core)
 
     def towers(self) -> set[str]:
         """Towers the variant changes ('image', 'text'); exact touches the image tower by default."""
         # exact's tower counts only where the spec names it: "exact+mask:tower=text" is the text tower alone
-        names = {c["tower"] for c in self._parts() if "tower" in c.values and (c.name != "exact" or "tower" in c.given)}
+        names = {c["tower"] for c in self._parts() if "tower" in c.values and (not c.decl.exact or "tower" in c.given)}
         names = names or {"image"}
         return {"image", "text"} if "all" in names else names
 
@@ -194,47 +188,9 @@ class Variant:
         if _applies(variant.mask, state):
             key_masked, v = variant._apply_mask(v, state, causal=True)
         core = variant.core
-        n = q.shape[-2]
-        if (core.name in ("fna", "nystrom") and core["m"] < n and _applies(core, state)
-                and not variant._pays(q, k, v, state, causal=True)):
-            core = parse_variant("exact").core  # fallback=auto: exact costs fewer counted FLOPs here
-        if core.name == "exact" or not _applies(core, state) or (core.name != "null" and core["m"] >= n):
-            keep = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]
-            if key_masked is not None:
-                keep = keep & key_keep_mask(key_masked)
-            if core.name == "exact" and core["impl"] == "math":
-                return exact_attention(q, k, v, scale=scale, attn_mask=keep)
-            if key_masked is None:
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-            return sdpa_attention(q, k, v, scale=scale, attn_mask=keep)
-        if core.name == "null":
-            return v
-        inverse = "exact" if core["pinv"] == "exact" else core["pinv"]
-        if core.name == "nystrom":
-            return causal_segment_attention(q, k, v, core["m"], scale=scale, inverse=inverse, ridge=core["ridge"],
-                                            iters=core["iters"])
-        idx = variant._causal_landmarks(q, k, v, state, key_masked)
-        out, (k_land, v_tilde) = causal_fna_attention(q, k, v, idx, scale=scale, inverse=inverse,
-                                                      ridge=core["ridge"], iters=core["iters"],
-                                                      key_masked=key_masked, return_cache=True)
-        state.prefill[state.layer] = (idx, k_land, v_tilde)
-        return out
-
-    def _causal_landmarks(self, q, k, v, state: ForwardState, key_masked) -> torch.Tensor:
-        """Sorted landmark indices [B, m] holding position 0; ``stride`` and ``random`` never read content."""
-        core = self.core
-        if state.landmarks is not None and not core["resample"] and state.landmarks.shape[0] == q.shape[0]:
-            return state.landmarks
-        b, _, n, _ = q.shape
-        guarantee = core["guarantee"].mask(n, state.num_prefix, state.image_tokens)
-        exclude = core["exclude"].mask(n, state.num_prefix, state.image_tokens)
-        if core["landmarks"] == "stride":
-            idx = stride_positions(n, core["m"], guarantee=guarantee, exclude=exclude)[None].expand(b, -1)
-        else:
-            idx = causal_order(self._landmarks(q, k, v, state, key_masked, keep=False), n)
-        idx = idx.to(q.device)
-        state.landmarks = idx
-        return idx
+        if not core.decl.exact and not variant._runs(q, k, v, state, causal=True):
+            core = EXACT_CORE  # not here, m >= N (exact anyway), or fallback=auto: exact costs fewer counted FLOPs
+        return core.decl.attend_causal(core, q, k, v, state, scale=scale, key_masked=key_masked)
 
     def _attend(self, q, k, v, state: ForwardState, scale, attn_mask) -> torch.Tensor:
         if state.flow is not None:  # token flow: keys for its matching, and proportional attention
@@ -243,50 +199,44 @@ class Variant:
         if _applies(self.mask, state):
             key_masked, v = self._apply_mask(v, state)
         core = self.core
-        if core.name == "exact" or not _applies(core, state):
-            return self._exact(q, k, v, scale, attn_mask, key_masked)
+        if core.decl.exact or not _applies(core, state):
+            return self._exact(q, k, v, state, scale, attn_mask, key_masked)
         if attn_mask is not None:
             raise ValueError(
                 f"{core.name} cannot honour an attention mask (causal or padded input) in the "
                 f"{state.tower} tower; patch only unmasked towers (tower=image)"
             )
-        if core.name == "null":
-            return v
-        n = q.shape[-2]
-        if core["m"] >= n or not self._pays(q, k, v, state):
-            return self._exact(q, k, v, scale, None, key_masked)
-        if core.name == "nystrom":
-            return segment_mean_attention(q, k, v, core["m"], scale=scale, pinv=core["pinv"],
-                                          pinv_iters=core["iters"], rcond=core["rcond"], ridge=core["ridge"])
-        idx = self._landmarks(q, k, v, state, key_masked)
-        return fna_attention(q, k, v, idx, scale=scale, pinv=core["pinv"], pinv_iters=core["iters"],
-                             rcond=core["rcond"], ridge=core["ridge"], key_masked=key_masked)
+        if not self._runs(q, k, v, state):
+            return self._exact(q, k, v, state, scale, None, key_masked)
+        return core.decl.attend(core, q, k, v, state, scale=scale, attn_mask=None, key_masked=key_masked)
+
+    def _runs(self, q, k, v, state: ForwardState, causal: bool = False) -> bool:
+        """Whether the (non-exact) core's own attention runs here rather than exact attention: it applies to
+        this tower and layer and, where it has ``m``, m < N and ``fallback=auto`` finds that it pays."""
+        core = self.core
+        if not _applies(core, state):
+            return False
+        if not core.decl.has_m:
+            return True
+        return core["m"] < q.shape[-2] and self._pays(q, k, v, state, causal=causal)
 
     def _pays(self, q, k, v, state: ForwardState, causal: bool = False) -> bool:
         """Whether the core runs here: always, unless ``fallback=auto`` and, at this input size, it would
         cost no fewer counted attention FLOPs than exact (counted once per shape on meta tensors)."""
-        if self.core["fallback"] != "auto":
+        if self.core.values.get("fallback") != "auto":
             return True
         key = (self.core.canonical, tuple(q.shape), tuple(k.shape), q.dtype, causal, state.num_prefix,
                None if state.residual is None else tuple(state.residual.shape))
-        if key not in _PAYS:
-            _PAYS[key] = _counted_cost(self.core.with_values(fallback="none"), q, k, v, state, causal) < \
-                _counted_cost(parse_variant("exact").core, q, k, v, state, causal)
-        state.approximated[state.layer] = _PAYS[key]
-        return _PAYS[key]
+        if key not in _fallback_decision:
+            _fallback_decision[key] = _counted_cost(self.core.with_values(fallback="none"), q, k, v, state, causal) < \
+                _counted_cost(EXACT_CORE, q, k, v, state, causal)
+        state.approximated[state.layer] = _fallback_decision[key]
+        return _fallback_decision[key]
 
-    def _exact(self, q, k, v, scale, attn_mask, key_masked) -> torch.Tensor:
-        if key_masked is not None:
-            keep = key_keep_mask(key_masked)
-            if attn_mask is None:
-                attn_mask = keep
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask & keep
-            else:
-                attn_mask = attn_mask + torch.zeros_like(keep, dtype=q.dtype).masked_fill(~keep, float("-inf"))
-        if self.core.name == "exact" and self.core["impl"] == "math":
-            return exact_attention(q, k, v, scale=scale, attn_mask=attn_mask)
-        return sdpa_attention(q, k, v, scale=scale, attn_mask=attn_mask)
+    def _exact(self, q, k, v, state: ForwardState, scale, attn_mask, key_masked) -> torch.Tensor:
+        """Exact attention: the core's own where it is exact (``impl``), else the reference core's."""
+        core = self.core if self.core.decl.exact else EXACT_CORE
+        return core.decl.attend(core, q, k, v, state, scale=scale, attn_mask=attn_mask, key_masked=key_masked)
 
     def _apply_mask(self, v: torch.Tensor, state: ForwardState, causal: bool = False):
         mask = self.mask
@@ -307,49 +257,9 @@ class Variant:
             return None, zero_values(v, masked)
         return masked, v
 
-    def _landmarks(self, q, k, v, state: ForwardState, key_masked, keep: bool = True) -> torch.Tensor:
-        core = self.core
-        if keep and state.landmarks is not None and not core["resample"]:
-            return state.landmarks
-        b, _, n, _ = q.shape
-        m = core["m"]
-        # the spec's masks are shared by every row and stay on the host, so FPS decides its guaranteed
-        # block there; masked keys differ per row and move the decision to the device
-        guarantee = core["guarantee"].mask(n, state.num_prefix, state.image_tokens)
-        exclude = core["exclude"].mask(n, state.num_prefix, state.image_tokens)
-        if key_masked is not None:  # a key-masked token would only ever serve itself
-            exclude = exclude.to(q.device)[None].expand(b, n) | key_masked
-        with torch.no_grad():
-            feats = self._features(q, k, v, state)
-            method = core["landmarks"]
-            if method == "stride":
-                first_row = exclude if exclude.dim() == 1 else exclude[0]
-                idx = stride_positions(n, m, guarantee=guarantee, exclude=first_row)[None].expand(b, -1)
-                idx = idx.to(q.device)
-            elif method == "fps":
-                idx = lm.farthest_point_sampling(feats, m, guarantee=guarantee, exclude=exclude)
-            elif method == "random":
-                idx = lm.random_selection(b, n, m, seed=core["seed"], device=q.device,
-                                          guarantee=guarantee, exclude=exclude)
-            else:
-                source = state.residual if state.residual is not None else feats
-                norms = source.float().norm(dim=-1)
-                idx = lm.norm_first_selection(feats, norms, m, ratio=core["norm_ratio"],
-                                              num_prefix=state.num_prefix, guarantee=guarantee,
-                                              exclude=exclude)
-        state.landmarks = idx
-        return idx
 
-    def _features(self, q, k, v, state: ForwardState) -> torch.Tensor:
-        which = self.core["features"]
-        if which == "input":
-            if state.residual is None:
-                raise ValueError("features=input needs the residual stream, but the adapter gave none")
-            return state.residual
-        return {"q": q, "k": k, "v": v}[which].mean(dim=1)
-
-
-_PAYS: dict[tuple, bool] = {}  # fallback=auto decisions by (core, shapes, dtype, causal)
+#: the process-wide ``fallback=auto`` decisions: whether the core pays, by (core, shapes, dtype, causal, ...)
+_fallback_decision: dict[tuple, bool] = {}
 
 
 def _counted_cost(core: Component, q, k, v, state: ForwardState, causal: bool) -> int:

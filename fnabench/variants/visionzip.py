@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from fnabench.variants.component import FLOW, ComponentDecl
 from fnabench.variants.flow import TokenFlow
+from fnabench.variants.params import LayerSlice, Param, choice, parse_int, parse_int_or_auto, parse_slice
 from fnabench.variants.tome import unmerge
 
 
@@ -127,3 +129,20 @@ class VisionZip(TokenFlow):
         if self.where is None or x.shape[1] == self.tokens_in:
             return x
         return unmerge(x, self.where)
+
+
+COMPONENT = ComponentDecl(
+    "visionzip", FLOW,
+    {
+        "tokens": Param(parse_int, 64, "an integer >= 1", lambda v: v >= 1),
+        "contextual": Param(parse_int_or_auto, None, "'auto' or an integer >= 0", lambda v: v is None or v >= 0),
+        "layers": Param(parse_slice, LayerSlice(-2, None, single=True), "one block index such as -2",
+                        lambda v: v.single),
+        "tower": choice("image"),
+    },
+    # at block `layers` of a vision tower keep `tokens` patch tokens: the dominant ones by CLS attention plus
+    # `contextual` merged ones (auto: about a sixth of `tokens`)
+    "VisionZip-style: dominant tokens by CLS attention plus merged contextual ones, after one block",
+    always_shown=frozenset({"tokens"}),
+    flow_class=VisionZip,
+)
