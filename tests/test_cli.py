@@ -110,12 +110,12 @@ def test_resume_computes_only_missing_cells(sweep, tmp_path, monkeypatch):
 
 
 def test_failing_cell_is_recorded_and_sweep_goes_on(sweep, tmp_path, capsys, monkeypatch):
-    import fnabench.variants.variant as variant_module
+    import fnabench.variants.fna as fna_module
 
     def broken(*args, **kwargs):
         raise FloatingPointError("landmark block\nis singular")
 
-    monkeypatch.setattr(variant_module, "fna_attention", broken)  # a failure only running the cell finds
+    monkeypatch.setattr(fna_module, "fna_attention", broken)  # a failure only running the cell finds
     out = tmp_path / "results"
     code = main(["run", str(sweep), "--out", str(out), "--quiet", "--variants", "exact", "fna:m=4", "nystrom:m=4"])
     assert code == 1

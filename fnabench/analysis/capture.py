@@ -240,7 +240,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
 def watch(model: torch.nn.Module, variant: str = "exact") -> Watched:
     """Patch ``model`` with ``variant`` (exact attention, optionally masked) and start watching its tower."""
     parsed = parse_variant(variant)
-    if parsed.core.name != "exact":
+    if not parsed.core.decl.exact:
         raise AnalysisInputError(f"analysis runs exact attention, optionally with a mask, so it can read the "
                                  f"attention probabilities; got {parsed.core.name!r} in {variant!r}; accepted: "
                                  "exact, mask:..., exact+mask:...")
