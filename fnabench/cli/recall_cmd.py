@@ -23,7 +23,7 @@ from fnabench.tasks.recall.icl import hub_step_revisions, load_task, load_tokeni
 from fnabench.tasks.recall.icl_toy import ToySettings, train_toy_lm
 from fnabench.tasks.recall.interventions import patch_run
 from fnabench.tasks.recall.metrics import emergence_point
-from fnabench.tasks.recall.plots import plot_circuits, plot_dynamics, plot_icl, plot_patching
+from fnabench.tasks.recall.plots import plot_circuits, plot_dynamics, plot_emergence, plot_icl, plot_patching
 from fnabench.tasks.recall.presets import PRESETS, get_preset
 from fnabench.tasks.recall.prune import PRUNE_DIR, PruneSettings, prune_run
 from fnabench.tasks.recall.run_config import PROBES, ConfigError, apply_overrides, parse_assignments, read_toml
@@ -155,18 +155,21 @@ def _cmd_report(args) -> int:
         suites.store([rec for r in args.run_dirs for rec in records_from_run(r)], results_dir)
         runs = runs_from_records(suites.require_records(results_dir))
     out = suites.output_path(out, "--out-dir", folder=True)
+    unfinished = {run["label"] for run in runs if not run["finished"]}
     for run in runs:
-        step, planned = run["summary"]["steps"][-1], run["config"].train.steps
-        if step < planned:
-            print(f"{PROG} report: warning: {run['label']} is unfinished (last checkpoint step {step:,} of "
-                  f"{planned:,}); emergence.md marks it", file=sys.stderr)
+        if run["label"] in unfinished:
+            print(f"{PROG} report: warning: {run['label']} is unfinished (last checkpoint step {run['steps_done']:,} "
+                  f"of {run['steps_planned']:,}); the tables mark it and leave it out of the cross-seed summaries",
+                  file=sys.stderr)
     tables = report_files(runs)
     for name, text in tables.items():
         rundir.atomic_write_text(out / name, text)
     pictures = []
-    if summaries is not None:
+    if summaries is not None:  # the curves over checkpoints are in the run directories, not in the records
         plot_dynamics(summaries, out / "dynamics.png")
-        pictures.append("dynamics.png")
+        plot_emergence([(label + (" (unfinished)" if label in unfinished else ""), summary)
+                        for label, summary in summaries], out / "emergence.png")
+        pictures += ["dynamics.png", "emergence.png"]
         pictures += _intervention_pictures(runs, out)
     (out / "records.jsonl").unlink(missing_ok=True)  # what report wrote before its records went through publish
     suites.publish(results_dir, out, command=_report_command(args))
@@ -365,12 +368,14 @@ def add_arguments(subparsers) -> None:
     _common(p)
     p.set_defaults(func=_cmd_plot)
 
-    p = subparsers.add_parser("report", help="leaderboard folder: records and table (publish), plot, emergence and "
+    p = subparsers.add_parser("report", help="leaderboard folder: records and table (publish), plots, emergence and "
                                              "OOD tables, preset",
                               description="Evaluate runs, store one harness record per evaluation in a results "
-                                          "folder and publish it (README table, records/), with the emergence and "
-                                          "OOD tables, the dynamics plot and the preset beside it; or rebuild such "
-                                          "a folder from its records alone (all but the plot).")
+                                          "folder and publish it (README table, records/), with the emergence, "
+                                          "OOD, patching and circuit tables, the dynamics and emergence plots and "
+                                          "the preset beside it; or rebuild such a folder from its records alone "
+                                          "(all but the plots). Cross-seed summaries are over finished runs only "
+                                          "(last checkpoint at the configured steps, as each record says).")
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
     p.add_argument("--out-dir", required=True, help="folder to write (e.g. leaderboards/recall-cpu)")
     p.add_argument("--results", help="results folder for the records (default results/NAME of --out-dir)")

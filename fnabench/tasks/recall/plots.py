@@ -1,4 +1,5 @@
-"""Figures: training dynamics (error vs training examples with IQR bands) and ICL accuracy vs checkpoint."""
+"""Figures: training dynamics (error vs training examples with IQR bands), every run's k = 1 / k = 2 curves on
+one plot, ICL accuracy vs checkpoint, circuits and patching."""
 
 from __future__ import annotations
 
@@ -62,6 +63,61 @@ def plot_dynamics(runs: Sequence[tuple[str, dict]], out: str | Path, ks: Sequenc
     axes[0][0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title or f"{runs[0][1]['task']}: error k observations after the query's open label\n"
                  "(median over examples, IQR band)", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def plot_emergence(runs: Sequence[tuple[str, dict]], out: str | Path, title: str | None = None) -> Path:
+    """Every run on one plot: the median error at k = 1 (solid) and k = 2 (dashed) after the query's open label
+    vs training examples, one colour per run (a marker where it emerges), with the zero predictor's error and the
+    emergence threshold (``eval.emergence_fraction`` × the zero predictor's) as horizontal lines; log y. ``runs``:
+    (label, evaluation summary with its curve over checkpoints)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.4, 4.6))
+    colors = plt.get_cmap("tab10")
+    zeros, thresholds, handles = [], [], []
+    for i, (label, summary) in enumerate(runs):
+        color = colors(i % 10)
+        handles.append(plt.Line2D([], [], color=color, lw=2, label=label))
+        x = summary["examples"]
+        for k, style, marker in (("1", "-", "o"), ("2", "--", "^")):
+            if k not in summary["model"]["final"]:
+                continue
+            y = summary["model"]["final"][k]["median"]
+            ax.plot(x, y, color=color, ls=style, lw=1.5)
+            zeros.append(summary["zero"]["final"][k]["median"])
+            found = summary.get("emergence", {}).get(k)
+            if found:
+                thresholds.append((found["threshold"], found["threshold"] / zeros[-1]))
+                point = emergence_point(found)
+                if point is not None and point in x:
+                    ax.plot([point], [y[x.index(point)]], marker=marker, color=color, ms=6, ls="none")
+    handles += [plt.Line2D([], [], color="grey", ls="-", marker="o", label="k = 1 (recall)"),
+                plt.Line2D([], [], color="grey", ls="--", marker="^", label="k = 2 (continuation)")]
+    for values, style, name in ((zeros, "-", "zero predictor"),
+                                ([t for t, _ in thresholds], ":", "emergence threshold")):
+        levels = sorted({float(f"{v:.3g}") for v in values})
+        if not levels:
+            continue
+        if name == "emergence threshold":
+            fractions = sorted({float(f"{f:.3g}") for _, f in thresholds})
+            name += f" ({' / '.join(f'{f:g}' for f in fractions)} × zero predictor)"
+        shown = f"{levels[0]:.3g}" if len(levels) == 1 else f"{levels[0]:.3g}–{levels[-1]:.3g}"
+        for level in levels:
+            ax.axhline(level, color="black", ls=style, lw=1.1)
+        handles.append(plt.Line2D([], [], color="black", ls=style, lw=1.1, label=f"{name}: {shown}"))
+    ax.set_yscale("log")
+    ax.set_xlabel("training examples")
+    ax.set_ylabel("median squared error")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    task = runs[0][1].get("task", "recall") if runs else "recall"
+    ax.set_title(title or f"{task}: k = 1 (solid) and k = 2 (dashed) after the query's open label, every run\n"
+                 "(median over examples; markers where each emerges)", fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,10 @@ completes into a harness record:
 - started / finished: when the run directory was made and when the evaluation was written (file times),
   ``duration_s`` the training wall time up to the checkpoint;
 - ``recall``: what the report's tables need besides (eval settings, emergence points, quartiles, training
-  examples / FLOPs / seconds, the run config and costs, the run directory).
+  examples / FLOPs / seconds, the run config and costs, the run directory), and whether the run is finished:
+  ``steps_done`` (its last checkpoint's step when the record was made), ``steps_planned`` (its configured
+  training steps) and ``finished`` (``steps_done >= steps_planned``). Every result made from a run carries
+  them, whatever its own checkpoint (``step``); the report's cross-seed summaries read them.
 
 :func:`flat_record` is the suite's earlier record shape (model, variant, task, metrics, gflops, extra), which
 ``recall report`` wrote as ``records.jsonl``; :func:`result_from_flat` turns one into a result, so
@@ -53,8 +56,9 @@ def task_name(summary: dict) -> str:
     return summary["task"] + ("" if probe == "none" else f",probe={probe}")
 
 
-def flat_record(config: RunConfig, costs: dict, summary: dict, run_dir: Path) -> dict:
-    """One evaluation, flat: errors at the last checkpoint, emergence points, training examples and FLOPs."""
+def flat_record(config: RunConfig, costs: dict, summary: dict, run_dir: Path, steps_done: int | None = None) -> dict:
+    """One evaluation, flat: errors at the last checkpoint, emergence points, training examples and FLOPs;
+    ``steps_done`` the run's last checkpoint (None: unknown, the evaluation's own step stands in)."""
     final = summary["model"]["final"]
     metrics: dict[str, float] = {}
     for k, curve in final.items():
@@ -84,6 +88,7 @@ def flat_record(config: RunConfig, costs: dict, summary: dict, run_dir: Path) ->
         "extra": {
             "run_dir": str(run_dir), "preset": config.preset, "seed": config.train.seed,
             "step": summary["steps"][-1], "probe": summary.get("probe", "none"), "eval": summary["eval"],
+            "steps_done": summary["steps"][-1] if steps_done is None else steps_done,
             "emergence": summary["emergence"] if len(summary["steps"]) > 1 else None,
             "config": config.to_dict(), "costs": costs,
             "gflops_means": "forward GFLOPs of one recall query (all positions); training GFLOPs are in metrics",
@@ -92,7 +97,8 @@ def flat_record(config: RunConfig, costs: dict, summary: dict, run_dir: Path) ->
 
 
 def result_from_flat(flat: dict, *, started: str, finished: str) -> dict:
-    """The harness result (module docstring) of one flat record; FLOPs are counted again from its config."""
+    """The harness result (module docstring) of one flat record; FLOPs are counted again from its config. A flat
+    record without ``steps_done`` (``records.jsonl``) counts its own checkpoint as the run's last."""
     extra, m = flat["extra"], flat["metrics"]
     config = RunConfig.from_dict(extra["config"])
     cfg = apply_overrides(config, {"eval": extra["eval"]}).eval
@@ -118,8 +124,20 @@ def result_from_flat(flat: dict, *, started: str, finished: str) -> dict:
             "training": {"examples": int(m["training_examples"]), "gflops": m["training_gflops"],
                          "seconds": m["train_seconds"], "parameters": int(m["parameters"])},
             "config": extra["config"], "costs": extra["costs"],
+            **progress(extra.get("steps_done", extra["step"]), config.train.steps),
         },
     }
+
+
+def progress(steps_done: int, steps_planned: int) -> dict:
+    """A record's ``recall.finished`` / ``steps_done`` / ``steps_planned``: is the run at its configured steps?"""
+    return {"finished": steps_done >= steps_planned, "steps_done": steps_done, "steps_planned": steps_planned}
+
+
+def last_checkpoint(run_dir: Path) -> int:
+    """The step of a run's last saved checkpoint (0 when it has none)."""
+    checkpoints = rundir.list_checkpoints(run_dir)
+    return checkpoints[-1][0] if checkpoints else 0
 
 
 def _file_time(path: Path) -> str:
@@ -145,14 +163,16 @@ def records_from_run(run_dir: str | Path, evaluate: bool = True) -> list[dict]:
                 break
     paths.sort(key=lambda p: p != main)
     started = _file_time(run_dir / rundir.CONFIG)
-    results = [result_from_flat(flat_record(config, costs, rundir.read_json(p), run_dir), started=started,
+    done = last_checkpoint(run_dir)
+    results = [result_from_flat(flat_record(config, costs, rundir.read_json(p), run_dir, done), started=started,
                                 finished=_file_time(p)) for p in paths]
-    results += _intervention_results(run_dir, config, costs, started)
+    results += _intervention_results(run_dir, config, costs, started, done)
     return results
 
 
 def _base_result(config: RunConfig, costs: dict, run_dir: Path, task: str, step: int, examples_trained: int,
-                 options: dict, metrics: dict, primary: str, higher: set[str], started: str, finished: str) -> dict:
+                 options: dict, metrics: dict, primary: str, higher: set[str], started: str, finished: str,
+                 steps_done: int) -> dict:
     """A result for one intervention on a run's checkpoint (token-swap patching, a pruned circuit)."""
     total, attention = query_flops(config)
     cfg = config.eval
@@ -167,11 +187,11 @@ def _base_result(config: RunConfig, costs: dict, run_dir: Path, task: str, step:
         "recall": {"run_dir": str(run_dir), "preset": config.preset, "train_seed": config.train.seed, "step": step,
                    "probe": task.split(",", 1)[1], "eval": json.loads(json.dumps(section_dict(cfg))),
                    "emergence": None, "training": {"examples": examples_trained},
-                   "config": config.to_dict(), "costs": costs},
+                   "config": config.to_dict(), "costs": costs, **progress(steps_done, config.train.steps)},
     }
 
 
-def _intervention_results(run_dir: Path, config: RunConfig, costs: dict, started: str) -> list[dict]:
+def _intervention_results(run_dir: Path, config: RunConfig, costs: dict, started: str, done: int) -> list[dict]:
     """Results for the token-swap patching and the pruned circuits stored in a run directory."""
 
     out = []
@@ -188,7 +208,7 @@ def _intervention_results(run_dir: Path, config: RunConfig, costs: dict, started
             result = _base_result(config, costs, run_dir, f"{config.eval.name},patch={swap}", stored["step"],
                                   stored["examples_trained"],
                                   {"patch": swap, "examples": stored["examples"], "traces": stored["traces"]},
-                                  metrics, f"{k}_needle_swapped", set(), started, finished)
+                                  metrics, f"{k}_needle_swapped", set(), started, finished, done)
             result["items"] = {"query examples": stored["examples"], "traces per example": stored["traces"]}
             result["recall"]["patching"] = {"swap": swap, "rows": rows}
             out.append(result)
@@ -206,7 +226,7 @@ def _intervention_results(run_dir: Path, config: RunConfig, costs: dict, started
         result = _base_result(config, costs, run_dir, f"{config.eval.name},circuit={target},sparsity={sparsity:g}",
                               circuit["step"], circuit["examples"],
                               {"circuit": target, "prune": circuit["settings"]}, metrics, "mse_to_model",
-                              {"recovered", "cross_recovered"}, started, _file_time(path))
+                              {"recovered", "cross_recovered"}, started, _file_time(path), done)
         result["items"] = {"query examples": circuit["settings"]["test_examples"],
                            "traces per example": circuit["settings"]["test_traces"]}
         result["duration_s"] = circuit["seconds"]
@@ -216,6 +236,15 @@ def _intervention_results(run_dir: Path, config: RunConfig, costs: dict, started
 
 
 # ---------------------------------------------------------------------------------------------- records → tables
+
+
+def run_progress(record: dict) -> dict:
+    """``finished`` / ``steps_done`` / ``steps_planned`` of the run a record was made from: as the record holds
+    them, else (records made before they were kept) its checkpoint against its config's training steps."""
+    r = record["recall"]
+    if "finished" in r:
+        return {key: r[key] for key in ("finished", "steps_done", "steps_planned")}
+    return progress(r["step"], RunConfig.from_dict(r["config"]).train.steps)
 
 
 def summary_from_record(record: dict) -> dict:
@@ -235,7 +264,9 @@ def summary_from_record(record: dict) -> dict:
 def runs_from_records(records: list[dict]) -> list[dict]:
     """Per run (model), in (preset, training seed) order: its label, config, costs, the summary of its plain
     query's curve (its latest) and ``probes``, {probe: summary} at that checkpoint under the run's eval settings
-    (``{"skipped": ...}`` for a probe with no record). Records that are not the recall suite's are refused."""
+    (``{"skipped": ...}`` for a probe with no record), and ``finished`` / ``steps_done`` / ``steps_planned`` as
+    that curve's record holds them (a record made before they were recorded: its step against the config's
+    steps). Records that are not the recall suite's are refused."""
     by_model: dict[str, list[dict]] = {}
     for record in records:
         if not isinstance(record.get("recall"), dict):
@@ -259,7 +290,8 @@ def runs_from_records(records: list[dict]) -> list[dict]:
             record = main if probe == "none" else at_step.get(probe)
             probes[probe] = summary_from_record(record) if record else {"skipped": "no record"}
         run = {"label": f"{config.preset} seed {config.train.seed}", "config": config,
-               "costs": main["recall"]["costs"], "summary": summary_from_record(main), "probes": probes}
+               "costs": main["recall"]["costs"], "summary": summary_from_record(main), "probes": probes,
+               **run_progress(main)}
         patching = {g["recall"]["patching"]["swap"]: g["recall"]["patching"]["rows"] for g in own
                     if g["recall"].get("patching") and g["recall"]["step"] == step}
         if patching:
