@@ -23,6 +23,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out: str | Path) -> Path:
+    """Lay out, write ``out`` (its folder made) at 130 dpi and close the figure."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
 def plot_dynamics(runs: Sequence[tuple[str, dict]], out: str | Path, ks: Sequence[str] | None = None,
                   title: str | None = None) -> Path:
     """One column per run, linear (top) and log (bottom) y: median error at k after the final open label vs
@@ -63,12 +73,7 @@ def plot_dynamics(runs: Sequence[tuple[str, dict]], out: str | Path, ks: Sequenc
     axes[0][0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title or f"{runs[0][1]['task']}: error k observations after the query's open label\n"
                  "(median over examples, IQR band)", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_emergence(runs: Sequence[tuple[str, dict]], out: str | Path, title: str | None = None) -> Path:
@@ -118,12 +123,7 @@ def plot_emergence(runs: Sequence[tuple[str, dict]], out: str | Path, title: str
     task = runs[0][1].get("task", "recall") if runs else "recall"
     ax.set_title(title or f"{task}: k = 1 (solid) and k = 2 (dashed) after the query's open label, every run\n"
                  "(median over examples; markers where each emerges)", fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_icl(rows: Sequence[dict], out: str | Path, title: str = "ICL: first vs second target token") -> Path:
@@ -142,12 +142,7 @@ def plot_icl(rows: Sequence[dict], out: str | Path, title: str = "ICL: first vs 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 _PORT = {"q": (-0.22, "tab:blue"), "k": (0.0, "tab:green"), "v": (0.22, "tab:red")}
@@ -245,9 +240,4 @@ def plot_patching(rows_by_swap: dict[str, list[dict]], out: str | Path, title: s
     axes[0][0].legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
