@@ -51,3 +51,14 @@ def tiny_timm(fused: bool = True, img_size: int = 32, **kwargs):
     for blk in model.blocks:
         blk.attn.fused_attn = fused
     return model
+
+
+def perturbed_after(xs, t, seed=1):
+    """Copies of [B, H, N, d] tensors with every position after ``t`` changed (causality checks)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for x in xs:
+        y = x.clone()
+        y[:, :, t + 1:] += 3 * torch.randn(y[:, :, t + 1:].shape, generator=gen, dtype=y.dtype)
+        out.append(y)
+    return out

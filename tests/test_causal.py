@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturbed_after
 
 import fnabench
 from fnabench.variants import ForwardState, parse_variant
@@ -25,16 +26,6 @@ def _rel(a, b) -> float:
 def _qkv(n=48, b=2, h=3, d=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) * 0.5 for _ in range(3))
-
-
-def _perturbed(xs, t, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for x in xs:
-        y = x.clone()
-        y[:, :, t + 1:] += 3 * torch.randn(y[:, :, t + 1:].shape, generator=gen, dtype=y.dtype)
-        out.append(y)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +61,7 @@ def test_future_tokens_never_change_earlier_outputs(spec):
     for t in (0, 9, 30):
         later = residual.clone()
         later[:, t + 1:] *= 10
-        changed, _ = run(*_perturbed((q, k, v), t), later)
+        changed, _ = run(*perturbed_after((q, k, v), t), later)
         assert _rel(changed[:, :, : t + 1], out[:, :, : t + 1]) <= 1e-6, t
     if variant.mask is not None:
         assert state.masked.any(), "the mask found nothing: the test would not exercise it"
@@ -91,7 +82,7 @@ def test_whole_sequence_selectors_leak_and_say_so():
     assert variant.leaks_future and not parse_variant("fna:m=8").for_causal().leaks_future
     state = ForwardState("text", 1, causal=True, only_tower=True)
     out = variant.attend(q, k, v, state, causal=True)
-    changed = variant.attend(*_perturbed((q, k, v), 9), ForwardState("text", 1, causal=True, only_tower=True),
+    changed = variant.attend(*perturbed_after((q, k, v), 9), ForwardState("text", 1, causal=True, only_tower=True),
                              causal=True)
     assert _rel(changed[:, :, :10], out[:, :, :10]) > 1e-3  # this test would catch a leak
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturbed_after
 
 import fnabench
 from fnabench.variants import ForwardState, parse_variant
@@ -137,16 +138,6 @@ def test_m_at_least_n_is_exact_attention(name, causal):
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-def _perturbed(xs, t, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for x in xs:
-        y = x.clone()
-        y[:, :, t + 1:] += 3 * torch.randn(y[:, :, t + 1:].shape, generator=gen, dtype=y.dtype)
-        out.append(y)
-    return out
-
-
 @pytest.mark.parametrize("name", CORES)
 def test_future_tokens_never_change_earlier_outputs(name):
     """With the causal-safe defaults (``for_causal``), output t depends on tokens <= t only."""
@@ -160,7 +151,7 @@ def test_future_tokens_never_change_earlier_outputs(name):
     for t in (0, 5, n - 2):
         later = residual.clone()
         later[:, t + 1:] *= 10
-        changed = variant.attend(*_perturbed((q, k, v), t), _state(n, True, later), causal=True)
+        changed = variant.attend(*perturbed_after((q, k, v), t), _state(n, True, later), causal=True)
         torch.testing.assert_close(changed[:, :, : t + 1], out[:, :, : t + 1], rtol=1e-9, atol=1e-9)
 
 
