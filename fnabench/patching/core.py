@@ -163,8 +163,11 @@ def discover(model: nn.Module) -> list[tuple[str, nn.Module, AttentionKind]]:
         if kind is not None:
             found.append((name, module, kind))
     if not found:
+        reasons = [reason for adapter, loaded in loaded_hosts() if loaded and adapter.explain is not None
+                   for reason in [adapter.explain(model)] if reason]
+        why = f" ({'; '.join(reasons)})" if reasons else ""
         raise UnsupportedModelError(
-            f"cannot patch {type(model).__name__}: no attention module found; looked for {', '.join(labels)}"
+            f"cannot patch {type(model).__name__}: no attention module found{why}; looked for {', '.join(labels)}"
         )
     return found
 

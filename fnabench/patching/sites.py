@@ -130,6 +130,9 @@ class HostAdapter:
     install_owner: Callable[[nn.Module, dict], list[Callable[[], None]]] | None = None
     #: under a token flow: e.g. a backbone whose forward reshapes tokens to a grid learns the reduced count
     install_flow_owner: Callable[[nn.Module], list[Callable[[], None]]] | None = None
+    #: for a model with no site: why, in words, if this host can tell (e.g. its attention classes compute
+    #: attention themselves), for the one-line refusal
+    explain: Callable[[nn.Module], str | None] | None = None
 
 
 def restore_tokens(block: nn.Module, output: torch.Tensor) -> torch.Tensor:

@@ -1,30 +1,28 @@
-"""transformers attention: CLIP, SigLIP and DINOv2 encoders, and decoder-only LMs (GPT-2, Llama,
-Qwen2/3, Mistral, OLMo, OLMo-2).
+"""transformers attention: every self-attention module that dispatches through ``AttentionInterface``
+(transformers ≥ 4.48), encoder or decoder, found by how it attends rather than by its class name.
 
-Where the attention class dispatches through ``AttentionInterface`` (transformers ≥ 4.48), the
-patch registers an ``"fnabench"`` attention function once and points the tower's config at it
-(restoring the previous implementation on removal); the module's weights and forward stay
-untouched. Otherwise the module's forward is swapped for one that projects q, k, v itself.
-
-Decoders: the ``"fnabench"`` implementation gets sdpa's mask function, so a decoder layer sees
-either no mask (plain causal) or a 4-D boolean one. Plain causal prefill runs the variant causally
-(variants/causal.py); any other mask (left padding) runs exact attention or is refused by an
-approximation. Decoding steps attend exactly to what the KV cache holds; with ``cache=landmark``
-the prefill's cache is replaced, layer by layer, by the landmark keys with their Nyström values Ṽ
-plus the real tokens after the last landmark (kv_cache.py).
+A module is a site when its class's forward looks its attention function up in ``ALL_ATTENTION_FUNCTIONS``
+and it is not cross-attention (``is_cross_attention``, or a decoder's non-causal attention); it is causal
+when its own ``is_causal`` says so (or the call passes ``is_causal=True``, as CLIP's text tower does). The
+patch registers an ``"fnabench"`` attention function once (transformers_attention.py: what it does with
+every argument and mask) and points the tower's config at it, restoring the previous implementation on
+removal; weights and forwards stay untouched. Decoders get sdpa's mask function, so a layer sees no mask
+(plain causal) or a 4-D boolean one. With ``cache=landmark`` the prefill's cache is replaced, layer by
+layer, by the landmark keys with their Nyström values Ṽ plus the real tokens after the last landmark
+(kv_cache.py). Token flows patch decoder layers whose forward is the pre-norm pattern (checked on its
+source: ``PRE_NORM``) and the encoder layers named in ``ENCODER_LAYERS``.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fnabench._errors import UserError
 from fnabench._extras import require
-from fnabench.patching.kv_cache import compress_layer
 from fnabench.patching.sites import (
     AttentionKind,
     BlockKind,
@@ -35,110 +33,24 @@ from fnabench.patching.sites import (
     merge_heads,
     split_heads,
 )
-from fnabench.variants.variant import ATTENTION_RANGE
+from fnabench.patching.transformers_attention import (
+    IMPLEMENTATION,
+    PaddingMaskError,  # noqa: F401  (re-exported: callers catch it from here)
+    fnabench_attention,
+)
 
-IMPLEMENTATION = "fnabench"
-#: "auto" uses AttentionInterface where the class dispatches through it; "swap" forces the module swap
+#: "auto" uses AttentionInterface; "swap" forces the module swap on encoders with q/k/v projections
 ROUTE = "auto"
-ENCODER_CLASSES = ("CLIPAttention", "SiglipAttention", "Dinov2Attention", "Dinov2SelfAttention",
-                   "Dinov2WithRegistersAttention", "Dinov2WithRegistersSelfAttention", "ViTAttention",
-                   "ViTSelfAttention", "DeiTAttention", "DeiTSelfAttention")
-DECODER_CLASSES = ("GPT2Attention", "LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
-                   "OlmoAttention", "Olmo2Attention",
-                   # Qwen2-VL's language model (multimodal rotary positions applied before the dispatch)
-                   "Qwen2VLAttention", "Qwen2_5_VLAttention")
-CLASSES = ENCODER_CLASSES + DECODER_CLASSES
-LOOKS_FOR = [f"transformers {name}" for name in (*CLASSES[:3], *DECODER_CLASSES)]
+LOOKS_FOR = ["transformers self-attention that dispatches through AttentionInterface (ALL_ATTENTION_FUNCTIONS)"]
 #: encoder layers a token flow patches: (norm before attention, attention, norm before MLP, MLP) by name;
 #: DINOv2's layers also scale each branch (layer_scale1/2) and drop paths
 ENCODER_LAYERS = {"CLIPEncoderLayer": ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
                   "SiglipEncoderLayer": ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
                   "Dinov2Layer": ("norm1", "attention", "norm2", "mlp"),
                   "Dinov2WithRegistersLayer": ("norm1", "attention", "norm2", "mlp")}
-#: pre-norm decoder layers a token flow (FastV-style pruning) patches:
-#: input_layernorm → self_attn → residual, post_attention_layernorm → mlp → residual
-DECODER_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
-                  "OlmoDecoderLayer")
-BLOCKS = [f"transformers {name}" for name in (*ENCODER_LAYERS, *DECODER_LAYERS)]
-
-
-class PaddingMaskError(UserError, ValueError):
-    """An approximation asked to honour a padding mask it cannot honour."""
-
-
-def is_decoder_attention(module: nn.Module) -> bool:
-    """A causal self-attention layer of a decoder-only LM (not cross-attention)."""
-    return type(module).__name__ in DECODER_CLASSES and bool(getattr(module, "is_causal", False))
-
-
-def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, H_kv, N, d] → [B, heads, N, d]: grouped-query attention's key/value heads, one per query head."""
-    groups = heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def _is_plain_causal(mask: torch.Tensor | None, n: int) -> bool:
-    """True for no mask or a boolean [.., n, n] mask that is exactly lower-triangular in every row."""
-    if mask is None:
-        return True
-    if mask.dtype != torch.bool or mask.shape[-1] != n or mask.shape[-2] != n:
-        return False
-    return bool((mask == torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()).all())
-
-
-def _decoder_attention(site: Site, module, query, key, value, attention_mask, scaling):
-    """Prefill: the variant, causally; decode steps: exact attention over the cache's keys."""
-    heads = query.shape[1]
-    key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len < kv_len:  # decoding (or chunked prefill) on a cache: exact over what it holds
-        if attention_mask is None and q_len > 1:
-            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        with torch.profiler.record_function(ATTENTION_RANGE):
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
-    if _is_plain_causal(attention_mask, q_len):
-        state = site.state
-        state.prefill.pop(site.layer, None)
-        out = site.attend(query, key, value, scale=scaling, causal=True)
-        cache = module.__dict__.get("_fnabench_cache")
-        entry = state.prefill.get(site.layer)
-        if cache is not None and entry is not None and site.variant.core["cache"] == "landmark":
-            compress_layer(cache, module.layer_idx, *entry)
-        return out
-    try:
-        return site.attend(query, key, value, scale=scaling, attn_mask=attention_mask)
-    except ValueError as err:
-        raise PaddingMaskError(
-            f"{site.variant.core.name} cannot honour the padding mask of a left-padded batch in {site.name}; "
-            "accepted: unpadded input (one sequence, or sequences of equal length) or exact attention"
-        ) from err
-
-
-def fnabench_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                       **_kwargs):
-    """The ``AttentionInterface`` function: [B, H, N, d] in, ([B, N, H, d], None) out, like sdpa's."""
-    site = module.__dict__.get("_fnabench_site")
-    decoder = is_decoder_attention(module)
-    if site is None:  # a module sharing the config that fnabench did not patch: plain exact attention
-        if decoder:
-            key, value = _repeat_kv(key, query.shape[1]), _repeat_kv(value, query.shape[1])
-        causal = decoder and attention_mask is None and query.shape[2] == key.shape[2] > 1
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                             is_causal=causal)
-    elif decoder:
-        out = _decoder_attention(site, module, query, key, value, attention_mask, scaling)
-    else:
-        out = site.attend(query, key, value, scale=scaling, attn_mask=attention_mask)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register() -> None:
-    tr = require("transformers")
-    if tr.AttentionInterface._global_mapping.get(IMPLEMENTATION) is not fnabench_attention:
-        tr.AttentionInterface.register(IMPLEMENTATION, fnabench_attention)
-    masks = tr.masking_utils.AttentionMaskInterface
-    if IMPLEMENTATION not in masks._global_mapping:  # decoders build sdpa's masks for fnabench
-        masks.register(IMPLEMENTATION, tr.masking_utils.sdpa_mask)
+BLOCKS = [*(f"transformers {name}" for name in ENCODER_LAYERS),
+          "transformers pre-norm decoder layers (input_layernorm → self_attn → residual, "
+          "post_attention_layernorm → mlp → residual)"]
 
 
 def dispatches_through_interface(module: nn.Module) -> bool:
@@ -146,7 +58,35 @@ def dispatches_through_interface(module: nn.Module) -> bool:
     forward = type(module).forward
     while hasattr(forward, "__wrapped__"):  # deprecation decorators wrap the real forward
         forward = forward.__wrapped__
-    return "ALL_ATTENTION_FUNCTIONS" in forward.__code__.co_names and hasattr(module, "config")
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names and hasattr(module, "config")
+
+
+def is_cross_attention(module: nn.Module) -> bool:
+    """Cross-attention by the module's own flags: ``is_cross_attention``, or a decoder's non-causal attention."""
+    if getattr(module, "is_cross_attention", False):
+        return True
+    return bool(getattr(module, "is_decoder", False)) and not getattr(module, "is_causal", False)
+
+
+def is_site(module: nn.Module) -> bool:
+    """A transformers self-attention module fnabench patches (it dispatches through the interface)."""
+    return (type(module).__module__.startswith("transformers.") and dispatches_through_interface(module)
+            and not is_cross_attention(module))
+
+
+def is_decoder_attention(module: nn.Module) -> bool:
+    """A causal self-attention site (a decoder's; its tower runs the variant's causal form)."""
+    return is_site(module) and bool(getattr(module, "is_causal", False))
+
+
+def _register() -> None:
+    tr = require("transformers")
+    if tr.AttentionInterface._global_mapping.get(IMPLEMENTATION) is not fnabench_attention:
+        tr.AttentionInterface.register(IMPLEMENTATION, fnabench_attention)
+    masks = tr.masking_utils.AttentionMaskInterface
+    if IMPLEMENTATION not in masks._global_mapping:  # layers build sdpa's masks for fnabench
+        masks.register(IMPLEMENTATION, tr.masking_utils.sdpa_mask)
 
 
 # configs whose implementation fnabench replaced → (original implementation, number of sites)
@@ -197,33 +137,39 @@ def _install_swap(site: Site):
 
 
 def _install(site: Site):
-    if is_decoder_attention(site.module):
-        if not dispatches_through_interface(site.module):
-            raise NotImplementedError(f"{site.name}: {type(site.module).__name__} does not dispatch through "
-                                      "AttentionInterface; upgrade transformers to >= 4.48")
-        return _install_interface(site)
-    if ROUTE == "swap" or not dispatches_through_interface(site.module):
-        if not all(hasattr(site.module, p) for p in ("q_proj", "k_proj", "v_proj")):
-            raise NotImplementedError(
-                f"{site.name}: {type(site.module).__name__} neither dispatches through AttentionInterface "
-                "nor has q_proj/k_proj/v_proj; upgrade transformers to >= 4.48"
-            )
+    swappable = all(hasattr(site.module, p) for p in ("q_proj", "k_proj", "v_proj"))
+    if ROUTE == "swap" and swappable and not is_decoder_attention(site.module):
         return _install_swap(site)
     return _install_interface(site)
 
 
 def kinds() -> list[AttentionKind]:
-    def matches(m) -> bool:
+    def matches_encoder(m) -> bool:
+        return is_site(m) and not getattr(m, "is_causal", False)
+
+    return [AttentionKind("transformers decoder attention", is_decoder_attention, _install),
+            AttentionKind("transformers attention", matches_encoder, _install)]
+
+
+def explain(model: nn.Module) -> str | None:
+    """Why a transformers model holds no site, in words: its attention classes compute attention themselves,
+    or all of it is cross-attention. None for a model with no transformers attention module at all."""
+    own, cross = set(), set()
+    for m in model.modules():
         cls = type(m)
-        return (cls.__name__ in CLASSES and cls.__module__.startswith("transformers.")
-                and not getattr(m, "is_cross_attention", False))
-
-    def matches_decoder(m) -> bool:
-        return matches(m) and is_decoder_attention(m)
-
-    return [AttentionKind("transformers decoder attention", matches_decoder, _install),
-            AttentionKind("transformers attention", matches, _install)]
-
+        if not cls.__module__.startswith("transformers.") or "Attention" not in cls.__name__:
+            continue
+        if dispatches_through_interface(m):
+            if is_cross_attention(m):
+                cross.add(cls.__name__)
+        elif any(isinstance(c, nn.Linear) for c in m.children()):
+            own.add(cls.__name__)
+    if own:
+        return (f"{', '.join(sorted(own))} computes attention itself rather than dispatching through transformers' "
+                "AttentionInterface")
+    if cross:
+        return f"its only dispatching attention ({', '.join(sorted(cross))}) is cross-attention"
+    return None
 
 
 def _install_block(site: BlockSite):
@@ -250,8 +196,82 @@ def _install_block(site: BlockSite):
     return install_forward(layer, forward)
 
 
+#: the pre-norm decoder layer's forward, statement by statement, as a token flow re-runs it (dropouts aside)
+PRE_NORM = ("residual = hidden_states", "hidden_states = self.input_layernorm(hidden_states)", "self_attn",
+            "hidden_states = residual + hidden_states", "residual = hidden_states",
+            "hidden_states = self.post_attention_layernorm(hidden_states)", "mlp",
+            "hidden_states = residual + hidden_states")
+
+
+class UnsupportedLayerError(UserError, TypeError):
+    """A decoder layer whose forward is not the pre-norm pattern a token flow re-runs."""
+
+
+class _NoDropout(ast.NodeTransformer):
+    """``self.resid_dropout(x)`` → ``x``: dropouts are the identity in eval mode."""
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        func = node.func
+        if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self"
+                and ("dropout" in func.attr or func.attr.endswith("_drop")) and len(node.args) == 1):
+            return node.args[0]
+        return node
+
+
+def _statements(cls: type) -> list[str] | None:
+    """The forward's top-level statements that touch the residual stream, normalised (None: no source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    out = []
+    for stmt in _NoDropout().visit(tree).body[0].body:
+        if not isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            continue
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        names = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        if not names & {"hidden_states", "residual"}:
+            continue
+        text = ast.unparse(stmt)
+        value = stmt.value
+        call = value.value if isinstance(value, ast.Subscript) else value
+        callee = ast.unparse(call.func) if isinstance(call, ast.Call) else ""
+        if callee in ("self.self_attn", "self.mlp"):
+            text = callee.removeprefix("self.")
+        if text != "hidden_states = hidden_states":  # what a stripped dropout leaves
+            out.append(text)
+    return out
+
+
+def decoder_layer_problem(layer: nn.Module) -> str | None:
+    """Why a token flow cannot re-run this decoder layer (None: its forward is the pre-norm pattern)."""
+    name = type(layer).__name__
+    missing = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+               if not isinstance(getattr(layer, n, None), nn.Module)]
+    if missing:
+        return f"{name} has no {', '.join(missing)} (not a pre-norm decoder layer)"
+    statements = _statements(type(layer))
+    if statements is None:
+        return f"{name}'s forward has no source to check"
+    if tuple(statements) != PRE_NORM:
+        pairs = [(got, want) for got, want in zip(statements, PRE_NORM, strict=False) if got != want]
+        if pairs:
+            differs = f"`{pairs[0][0]}` where it expects `{pairs[0][1]}`"
+        elif len(statements) < len(PRE_NORM):
+            differs = f"the residual stream stops after `{statements[-1]}`" if statements else "no residual stream"
+        else:
+            differs = f"`{statements[len(PRE_NORM)]}` after the pattern's end"
+        return f"{name}'s forward is not the pre-norm pattern ({differs})"
+    return None
+
+
 def _install_decoder_block(site: BlockSite):
     layer = site.block
+    problem = decoder_layer_problem(layer)
+    if problem is not None:
+        raise UnsupportedLayerError(f"token flows re-run whole decoder layers, and {problem}; accepted: pre-norm "
+                                    "layers (Llama, Mistral, Qwen2/3, OLMo, ...)")
 
     def forward(hidden_states, *args, **kwargs):
         if args:  # transformers passes everything but the hidden states by keyword; an old caller: the mask
@@ -262,7 +282,8 @@ def _install_decoder_block(site: BlockSite):
             kwargs = narrow(hidden_states.shape[1], kwargs)
         out = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
         x = site.between(hidden_states + (out[0] if isinstance(out, tuple) else out))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        mlp = layer.mlp(layer.post_attention_layernorm(x))
+        return x + (mlp[0] if isinstance(mlp, tuple) else mlp)
 
     return install_forward(layer, forward)
 
@@ -272,9 +293,9 @@ def block_kinds() -> list[BlockKind]:
         cls = type(m)
         return cls.__name__ in ENCODER_LAYERS and cls.__module__.startswith("transformers.")
 
-    def matches_decoder(m) -> bool:
-        cls = type(m)
-        return cls.__name__ in DECODER_LAYERS and cls.__module__.startswith("transformers.")
+    def matches_decoder(m) -> bool:  # the install checks the pattern and refuses a layer that differs by name
+        attn = getattr(m, "self_attn", None)
+        return type(m).__module__.startswith("transformers.") and attn is not None and is_decoder_attention(attn)
 
     return [BlockKind("transformers encoder layer", matches, _install_block),
             BlockKind("transformers decoder layer", matches_decoder, _install_decoder_block)]
@@ -315,4 +336,4 @@ def install_owner(model: nn.Module, states: dict) -> list:
 
 
 ADAPTER = HostAdapter("transformers", tuple(LOOKS_FOR), kinds, blocks=tuple(BLOCKS), block_kinds=block_kinds,
-                      install_owner=install_owner)
+                      install_owner=install_owner, explain=explain)

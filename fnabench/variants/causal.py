@@ -130,7 +130,7 @@ def causal_nystrom_core(
     ``key_masked`` [B, N] removes tokens as keys (except for themselves). With ``return_cache`` also
     returns (k_land, Ṽ), what a landmark KV cache keeps.
     """
-    bsz, heads, n, d = q.shape
+    bsz, heads, n, _ = q.shape
     wd = work_dtype(q.dtype)
     dev = q.device
     pos = land_pos.to(device=dev, dtype=torch.long)
@@ -174,10 +174,11 @@ def causal_nystrom_core(
     weights = torch.softmax(torch.cat([land_logits, local_logits], -1), -1)
     out_seg = weights[..., :m] @ v_tilde[:, :, None] + weights[..., m:] @ vs  # [B, H, G, W, d]
 
-    out = torch.zeros(bsz, heads, n, d, dtype=wd, device=dev)
-    flat_pos = torch.where(valid, qpos_c, n).reshape(bsz, 1, -1, 1).expand(bsz, heads, groups * width, d)
-    out = torch.cat([out, out.new_zeros(bsz, heads, 1, d)], 2)  # slot n collects padding
-    out.scatter_(2, flat_pos, out_seg.reshape(bsz, heads, groups * width, d))
+    dv = v.shape[-1]  # the values' head size (it may differ from q/k's)
+    out = torch.zeros(bsz, heads, n, dv, dtype=wd, device=dev)
+    flat_pos = torch.where(valid, qpos_c, n).reshape(bsz, 1, -1, 1).expand(bsz, heads, groups * width, dv)
+    out = torch.cat([out, out.new_zeros(bsz, heads, 1, dv)], 2)  # slot n collects padding
+    out.scatter_(2, flat_pos, out_seg.reshape(bsz, heads, groups * width, dv))
     out = out[:, :, :n].to(v.dtype)
     if return_cache:
         return out, (k_land, v_tilde.to(v.dtype))
@@ -190,10 +191,10 @@ def causal_fna_attention(q, k, v, landmark_idx: torch.Tensor, *, scale: float | 
     """Causal FNA: the landmarks are real tokens at ``landmark_idx`` [B, m] (sorted, holding 0)."""
     s = q.shape[-1] ** -0.5 if scale is None else scale
     idx = landmark_idx.to(device=q.device, dtype=torch.long)
-    b, _, _, d = q.shape
+    b = q.shape[0]
 
-    def gather(x):
-        return x.gather(2, idx[:, None, :, None].expand(b, x.shape[1], idx.shape[1], d))
+    def gather(x):  # q/k and v may have different head sizes
+        return x.gather(2, idx[:, None, :, None].expand(b, x.shape[1], idx.shape[1], x.shape[-1]))
 
     return causal_nystrom_core(q, k, v, gather(q), gather(k), idx, gather, scale=s, inverse=inverse, ridge=ridge,
                                iters=iters, key_masked=key_masked, return_cache=return_cache)

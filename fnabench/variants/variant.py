@@ -51,6 +51,9 @@ class ForwardState:
     #: with ``fallback=auto``: per layer, whether the approximation ran (else exact) the last time that
     #: layer decided (decoding steps on a KV cache attend exactly and decide nothing)
     approximated: dict = field(default_factory=dict)
+    #: per layer, why the host's attention ran exact there although the variant applies (a sliding window that
+    #: binds), as of the last forward that decided (a prefill; decoding steps decide nothing)
+    exact_because: dict = field(default_factory=dict)
     #: a multimodal language model's sequence: bool [N], True at image tokens (set by the adapter per forward;
     #: what ``guarantee=text`` keeps)
     image_tokens: torch.Tensor | None = None
@@ -102,6 +105,14 @@ class Variant:
     @property
     def is_exact(self) -> bool:
         return self.core.decl.exact and self.mask is None and self.flow is None
+
+    def acts_at(self, state: ForwardState) -> bool:
+        """Whether anything but plain exact attention runs at ``state.layer`` of ``state.tower`` (a core that
+        applies there and is not exact, a mask that applies there, or a token flow): where a host passes an
+        attention feature only exact attention honours (soft-capping, sinks), this decides refuse or run exact."""
+        if self.flow is not None or _applies(self.mask, state):
+            return True
+        return not self.core.decl.exact and _applies(self.core, state)
 
     def for_causal(self) -> Variant:
         """This variant as it runs on causal attention: its core's unnamed keys take their causal-safe defaults
