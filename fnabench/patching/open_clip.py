@@ -1,8 +1,11 @@
-"""open_clip's own ``open_clip.transformer.Attention`` (4.x blocks; ``block_type='custom'`` in 3.x).
+"""open_clip's own ``open_clip.transformer.Attention`` (4.x blocks; ``block_type='custom'`` in 3.x), in both towers.
 
 open_clip ≤ 3.3's default blocks hold ``nn.MultiheadAttention``, handled by ``torch_mha``. This
 patch keeps every feature of the class: q/k LayerNorm, scaled-cosine logits, head scaling, the
-inner norm; only the token mixing goes through the variant.
+inner norm; only the token mixing goes through the variant. The text tower's additive causal mask (−∞ above
+the diagonal) runs the variant causally; any other mask (padding, CoCa's CLS mask) goes to the variant as it
+is: exact attention honours it, an approximation refuses it in one line naming the mask. A subclass with a
+``forward`` of its own is refused by name, not patched as this class.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fnabench.patching.sites import (
     merge_heads,
     split_heads,
 )
+from fnabench.patching.torch_mha import attend_masked, overrides_forward, refuse_class
 
 LOOKS_FOR = ["open_clip.transformer.Attention"]
 BLOCKS = ["open_clip.transformer.ResidualAttentionBlock"]
@@ -59,7 +63,7 @@ def _install(site: Site):
             q, k, scale = F.normalize(q, dim=-1) * logit_scale, F.normalize(k, dim=-1), 1.0
         else:
             q, k, scale = attn.ln_q(q), attn.ln_k(k), attn.scale
-        out = site.attend(q, k, v, scale=scale, attn_mask=mask)
+        out = attend_masked(site, q, k, v, scale=scale, attn_mask=mask, source="open_clip's attn_mask")
         if getattr(attn, "head_scale", None) is not None:
             out = out * attn.head_scale
         out = attn.ln_inner(merge_heads(out))
@@ -71,7 +75,13 @@ def _install(site: Site):
 def kinds() -> list[AttentionKind]:
     Attention = require("open_clip.transformer").Attention
 
-    return [AttentionKind("open_clip.transformer.Attention", lambda m: isinstance(m, Attention), _install)]
+    def matches(m) -> bool:
+        if overrides_forward(m, Attention):
+            refuse_class(m, "it subclasses open_clip.transformer.Attention with a forward of its own",
+                         ", ".join(LOOKS_FOR))
+        return isinstance(m, Attention)
+
+    return [AttentionKind("open_clip.transformer.Attention", matches, _install)]
 
 
 def _install_block(site: BlockSite):
