@@ -67,10 +67,24 @@ def _mmseg_beit():
     return model, torch.randn(2, 3, 32, 32), lambda m, x: m(x)[0]
 
 
+def _timm_named(name: str, **kwargs):
+    def make():
+        timm = pytest.importorskip("timm")
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2,
+                                  embed_dim=32, num_heads=2, **kwargs).eval()
+        return model, torch.randn(2, 3, 32, 32), lambda m, x: m.forward_features(x)  # every token
+    return make
+
+
 #: attention-kind label → a tiny host that has it: (model, input, output function)
 ATTENTION_HOSTS = {
     "open_clip.transformer.Attention": _open_clip("custom"),
     "timm.layers.Attention": _timm,
+    "timm.layers.AttentionRope": _timm_named("vit_pe_core_tiny_patch16_384", init_values=1.0),
+    "timm.models.eva.EvaAttention": _timm_named("eva02_tiny_patch14_224"),
+    "timm.models.beit.Attention": _timm_named("beit_base_patch16_224"),
+    "timm.models.vision_transformer_relpos.RelPosAttention": _timm_named("vit_relpos_base_patch16_224",
+                                                                         init_values=1.0),
     "transformers attention": _hf_clip,
     "transformers decoder attention": _hf_llama,
     "mmseg BEiTAttention": _mmseg_beit,
@@ -85,7 +99,8 @@ BLOCK_HOSTS = {
     "mmseg vit.TransformerEncoderLayer": _mmseg_vit,
 }
 #: attention with an additive bias (BEiT's relative positions): approximations refuse it by name, exact runs it
-BIASED_KINDS = {"mmseg BEiTAttention"}
+BIASED_KINDS = {"mmseg BEiTAttention", "timm.models.beit.Attention",
+                "timm.models.vision_transformer_relpos.RelPosAttention"}
 #: a decoder kind runs causally; the flow it takes is FastV-style (it needs image tokens: tested in test_llava)
 CAUSAL_KINDS = {"transformers decoder attention", "transformers decoder layer"}
 
