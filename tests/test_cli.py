@@ -206,6 +206,9 @@ def test_list_and_leaderboard_commands(sweep, tmp_path, capsys):
     assert "k (an integer >= 1)" in listed and "per_block (true or false)" in listed
     assert main(["list", "models"]) == 0
     assert "tiny:vit" in capsys.readouterr().out
+    assert main(["list", "hosts"]) == 0  # the support table of the family contract
+    hosts = capsys.readouterr().out
+    assert "| transformers | llama | decoder | interface |" in hosts and "refused: attention sinks" in hosts
     out = tmp_path / "results"
     main(["run", str(sweep), "--out", str(out), "--quiet", "--variants", "exact"])
     capsys.readouterr()

@@ -163,10 +163,16 @@ def test_open_clip_text_tower_only_when_asked():
     assert (same - ref).abs().max() <= 1e-5
 
 
-def test_fna_refuses_causal_text_tower():
-    model = tiny_open_clip()
-    with fnabench.patch(model, "fna:m=4,tower=text"), pytest.raises(ValueError, match="attention mask"):
-        model.encode_text(torch.randint(0, 64, (2, 16)))
+def test_fna_runs_the_causal_text_tower_causally():
+    model = tiny_open_clip()  # its text tower's additive causal mask is recognised, not refused
+    text = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        exact = model.encode_text(text)
+        with fnabench.patch(model, "fna:m=4,tower=text"):
+            approx = model.encode_text(text)
+        with fnabench.patch(model, "fna:m=16,tower=text"):  # m >= N: exact attention
+            torch.testing.assert_close(model.encode_text(text), exact, rtol=0, atol=1e-5)
+    assert (approx - exact).abs().max() > 1e-4
 
 
 def test_prefix_tokens_detected():

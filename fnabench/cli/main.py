@@ -29,6 +29,7 @@ from fnabench.harness.publish import publish
 from fnabench.harness.records import output_path, read_records, require_records
 from fnabench.harness.runner import Runner
 from fnabench.models.registry import MODELS
+from fnabench.patching.families import support_table
 from fnabench.tasks.registry import TASKS
 from fnabench.variants.presets import VARIANTS
 from fnabench.variants.spec import COMPONENTS, format_value
@@ -94,8 +95,8 @@ def _add_results_commands(sub) -> None:
     p.add_argument("results")
     p.add_argument("--baseline", required=True)
 
-    p = sub.add_parser("list", help="list registered models, variants or tasks")
-    p.add_argument("what", choices=["models", "variants", "tasks"])
+    p = sub.add_parser("list", help="list registered models, variants, tasks, or the host families fnabench patches")
+    p.add_argument("what", choices=["models", "variants", "tasks", "hosts"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +216,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_list(args) -> int:
+    if args.what == "hosts":  # the support table the family contract holds (docs/support.md)
+        print(support_table(), end="")
+        return EXIT_OK
     registry = {"models": MODELS, "tasks": TASKS, "variants": VARIANTS}[args.what]
     rows = registry.describe()
     if args.what == "variants":
