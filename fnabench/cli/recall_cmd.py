@@ -165,12 +165,18 @@ def _cmd_report(args) -> int:
     for name, text in tables.items():
         rundir.atomic_write_text(out / name, text)
     pictures = []
-    if summaries is not None:  # the curves over checkpoints are in the run directories, not in the records
+    if summaries is None:  # from records: the curves their records hold (records made before curves were kept lack it)
+        summaries = [(run["label"], run["summary"]) for run in runs if len(run["summary"]["steps"]) > 1]
+        missing = [run["label"] for run in runs if len(run["summary"]["steps"]) < 2]
+        if missing:
+            print(f"{PROG} report: warning: the records of {', '.join(missing)} hold no curve over checkpoints "
+                  "(made before records kept it); the figures leave them out", file=sys.stderr)
+    if summaries:
         plot_dynamics(summaries, out / "dynamics.png")
         plot_emergence([(label + (" (unfinished)" if label in unfinished else ""), summary)
                         for label, summary in summaries], out / "emergence.png")
         pictures += ["dynamics.png", "emergence.png"]
-        pictures += _intervention_pictures(runs, out)
+    pictures += _intervention_pictures(runs, out)
     (out / "records.jsonl").unlink(missing_ok=True)  # what report wrote before its records went through publish
     suites.publish(results_dir, out, command=_report_command(args))
     print(f"{out}: README.md and records/ (publish), {', '.join([*tables, *pictures])}; records in {results_dir}")
@@ -374,8 +380,9 @@ def add_arguments(subparsers) -> None:
                                           "folder and publish it (README table, records/), with the emergence, "
                                           "OOD, patching and circuit tables, the dynamics and emergence plots and "
                                           "the preset beside it; or rebuild such a folder from its records alone "
-                                          "(all but the plots). Cross-seed summaries are over finished runs only "
-                                          "(last checkpoint at the configured steps, as each record says).")
+                                          "(the figures from the curves the records hold). Cross-seed summaries "
+                                          "are over finished runs only (last checkpoint at the configured steps, "
+                                          "as each record says).")
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
     p.add_argument("--out-dir", required=True, help="folder to write (e.g. leaderboards/recall-cpu)")
     p.add_argument("--results", help="results folder for the records (default results/NAME of --out-dir)")

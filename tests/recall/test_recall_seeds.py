@@ -90,12 +90,20 @@ def test_summaries_are_over_the_finished_seeds_and_say_so(board, capsys):
     assert "**Unfinished:** smoke seed 2; listed above, not summarised." in circuits
 
 
-def test_from_records_rebuilds_the_same_tables_and_the_figure_needs_the_runs(board, tmp_path):
+def test_from_records_rebuilds_the_same_tables_and_figures(board, tmp_path):
     again = tmp_path / "again"
     assert main(["recall", "report", "--from-records", str(board / "records"), "--out-dir", str(again)]) == 0
     assert _tables(again) == _tables(board)
-    assert not (again / "emergence.png").exists()  # the records hold no curve over checkpoints
     assert report_files(runs_from_records(read_records(board / "records"))) == _tables(board)
+    for name in ("emergence.png", "dynamics.png"):  # drawn from the curves the records hold
+        assert (again / name).read_bytes().startswith(b"\x89PNG")
+    curves = {r["recall"]["train_seed"]: r["recall"]["curve"] for r in read_records(board / "records")
+              if r["task"] == "recall:h2" and r["recall"]["emergence"] is not None}
+    assert sorted(curves) == [0, 1, 2]
+    for seed, curve in curves.items():  # every checkpoint of the run, each k's median with its quartiles
+        assert curve["steps"] == ([0, 10] if seed == 2 else [0, 10, 20])
+        assert len(curve["model"]["1"]["median"]) == len(curve["steps"]) == len(curve["examples"])
+        assert curve["zero"]["1"]["median"] > 0
 
 
 def test_report_draws_every_seed_on_one_emergence_figure(board):

@@ -16,7 +16,8 @@ completes into a harness record:
 - started / finished: when the run directory was made and when the evaluation was written (file times),
   ``duration_s`` the training wall time up to the checkpoint;
 - ``recall``: what the report's tables need besides (eval settings, emergence points, quartiles, training
-  examples / FLOPs / seconds, the run config and costs, the run directory), and whether the run is finished:
+  examples / FLOPs / seconds, the run config and costs, the run directory; for the plain query's curve the
+  whole curve over checkpoints, ``curve``, which the figures are drawn from), and whether the run is finished:
   ``steps_done`` (its last checkpoint's step when the record was made), ``steps_planned`` (its configured
   training steps) and ``finished`` (``steps_done >= steps_planned``). Every result made from a run carries
   them, whatever its own checkpoint (``step``); the report's cross-seed summaries read them.
@@ -90,10 +91,23 @@ def flat_record(config: RunConfig, costs: dict, summary: dict, run_dir: Path, st
             "step": summary["steps"][-1], "probe": summary.get("probe", "none"), "eval": summary["eval"],
             "steps_done": summary["steps"][-1] if steps_done is None else steps_done,
             "emergence": summary["emergence"] if len(summary["steps"]) > 1 else None,
+            "curve": curve_of(summary) if len(summary["steps"]) > 1 else None,
             "config": config.to_dict(), "costs": costs,
             "gflops_means": "forward GFLOPs of one recall query (all positions); training GFLOPs are in metrics",
         },
     }
+
+
+def curve_of(summary: dict) -> dict:
+    """The evaluation over checkpoints that the dynamics and emergence figures draw: per checkpoint its step,
+    training examples and seconds, and per k the median and quartiles of the model's error, with the zero and
+    least-squares predictors' levels; what ``recall report --from-records`` draws them from."""
+    final = summary["model"]["final"]
+    return {"steps": list(summary["steps"]), "examples": list(summary["examples"]),
+            "seconds": list(summary["seconds"]),
+            "model": {k: {stat: list(final[k][stat]) for stat in ("median", "q25", "q75")} for k in final},
+            **{name: {k: {"median": summary[name]["final"][k]["median"]} for k in summary[name]["final"]}
+               for name in ("zero", "ls")}}
 
 
 def result_from_flat(flat: dict, *, started: str, finished: str) -> dict:
@@ -119,6 +133,7 @@ def result_from_flat(flat: dict, *, started: str, finished: str) -> dict:
         "recall": {
             "run_dir": extra["run_dir"], "preset": extra["preset"], "train_seed": extra["seed"],
             "step": extra["step"], "probe": extra["probe"], "eval": extra["eval"], "emergence": extra["emergence"],
+            **({"curve": extra["curve"]} if extra.get("curve") else {}),
             "quartiles": {f"err_k{k}": [m[f"err_k{k}_q25"], m[f"err_k{k}_q75"]] for k in ("1", "2")
                           if f"err_k{k}_q25" in m},
             "training": {"examples": int(m["training_examples"]), "gflops": m["training_gflops"],
@@ -248,8 +263,15 @@ def run_progress(record: dict) -> dict:
 
 
 def summary_from_record(record: dict) -> dict:
-    """The part of an evaluation summary the report's tables read, rebuilt from one harness record."""
+    """The part of an evaluation summary the report's tables read, rebuilt from one harness record; with the
+    whole curve over checkpoints where the record holds it (``recall.curve``), so the figures can be drawn."""
     r, m = record["recall"], record["metrics"]
+    curve = r.get("curve")
+    if curve:
+        return {"task": record["task"].split(",probe=")[0], "probe": r["probe"], "eval": r["eval"],
+                "steps": curve["steps"], "examples": curve["examples"], "seconds": curve["seconds"],
+                "model": {"final": curve["model"]}, "zero": {"final": curve["zero"]}, "ls": {"final": curve["ls"]},
+                "emergence": r["emergence"]}
     ks = [str(k) for k in r["eval"]["ks"]]
     final = {k: {"median": [m[f"err_k{k}"]]} for k in ks}
     for name, (q25, q75) in r["quartiles"].items():
