@@ -119,3 +119,10 @@ def test_support_table_lists_every_family():
     for f in FAMILIES:
         assert f"| {f.host} | {f.name} |" in table
     assert f"{len(FAMILIES)} families" in table
+
+
+def test_docs_support_page_is_the_table():
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "support.md").read_text()
+    assert page.endswith(support_table()), "docs/support.md is stale: regenerate it with `fnabench list hosts`"
