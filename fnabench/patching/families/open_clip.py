@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fnabench.patching.families import Family
+from fnabench.patching.families.family import Family
 
 #: text towers: 24 positions (the contract perturbs those after 17), a 64-token vocabulary
 _CONTEXT, _VOCAB = 24, 64

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fnabench.patching.families import Family
+from fnabench.patching.families.family import Family
 
 #: a plain ViT's shrink: 4x4 patches of 8 px (+ prefix tokens), two blocks of width 32
 _VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}

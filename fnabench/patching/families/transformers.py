@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fnabench.patching.families import Family
+from fnabench.patching.families.family import Family
 
 _SMALL = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
