@@ -247,3 +247,37 @@ def test_a_wait_on_an_unreachable_controller_ends_in_one_line_exit_4(tmp_path, c
     assert main(["run", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "res"), "--quiet", "--wait"]) == 4
     lines = [line for line in capsys.readouterr().err.splitlines() if "the machine, not your input" in line]
     assert len(lines) == 1 and refusal in lines[0] and "fnabench status" in lines[0]
+
+
+def test_a_job_on_its_last_run_at_its_time_limit_records_its_unfinished_cells_as_failed(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    from fnabench.harness.executor import CellJob
+
+    config = _load(tmp_path, TINY_SWEEP)
+    grid = cells(config)
+    done = grid[0]
+    main(["run", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "res"), "--quiet", "--variants", "exact"])
+    assert (tmp_path / "res" / f"{done.id}.json").is_file()  # exact's cell: done before the time limit
+    ids = [c.id for c in grid]
+    job = CellJob(max_requeues=2)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_JOB_END_TIME", "0")  # past: this is the time-limit signal
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # one requeue behind it, another allowed: nothing recorded
+    job.checkpoint(config, ids, None, 600.0, False)
+    assert sorted(p.stem for p in (tmp_path / "res").glob("*.json")) == sorted([done.id])
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # the last allowed run
+    again = job.checkpoint(config, ids, None, 600.0, False)
+    records = {r["id"]: r for r in rec.read_records(tmp_path / "res")}
+    assert records[done.id]["status"] == "ok"  # a finished cell keeps its record
+    failed = [r for r in records.values() if r["status"] == "failed"]
+    assert len(failed) == len(ids) - 1 and all(
+        r["error"].startswith("time limit: SLURM job 77.0 reached its time limit on run 3 of 3") for r in failed)
+    assert again.args[1] == ids  # the job is handed back to submitit as it was (it decides not to requeue)
+
+
+def test_the_schedulers_stop_signal_ends_the_job_instead_of_failing_the_cell():
+    submitit = pytest.importorskip("submitit")
+    from fnabench.harness.runner import stops_the_job
+
+    assert stops_the_job(submitit.core.utils.UncompletedJobError("Job not requeued because: timed-out too many times."))
+    assert not stops_the_job(RuntimeError("a cell's own failure"))

@@ -37,7 +37,7 @@ from fnabench.harness.executor_settings import (
     parse_executor,
 )
 from fnabench.harness.records import now
-from fnabench.harness.runner import Runner, cells
+from fnabench.harness.runner import Runner, cells, fail_unfinished
 
 JOBS_DIR = ".jobs"
 MANIFEST = "submitted.jsonl"
@@ -93,8 +93,13 @@ class CellJob:
 
     With several GPUs a job runs one task per GPU; the tasks share the job's cells through claims.
     After a time-out or preemption submitit calls :meth:`checkpoint` and requeues the job, which then
-    skips the cells already done.
+    skips the cells already done; on its last allowed run (``max_requeues`` requeues behind it) a job that
+    hits its time limit records each cell it did not finish as failed, with the reason, so ``status`` says
+    why and a rerun submits them again.
     """
+
+    def __init__(self, max_requeues: int = 3) -> None:
+        self.max_requeues = max_requeues
 
     def __call__(self, config, cell_ids: list[str], threads: int | None, stale_after: float,
                  retime: bool = False) -> dict[str, Any]:
@@ -111,10 +116,23 @@ class CellJob:
         return {"ran": summary.ran, "skipped": summary.skipped, "failed": summary.failed,
                 "elsewhere": summary.elsewhere, "retimed": summary.retimed}
 
-    def checkpoint(self, *args: Any, **kwargs: Any):
+    def checkpoint(self, config, cell_ids: list[str], *args: Any, **kwargs: Any):
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(self, *args, **kwargs)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if restarts >= self.max_requeues and _near_time_limit():  # submitit will not requeue it again
+            fail_unfinished(config, cell_ids, f"time limit: SLURM job {claims.job_key() or '?'} reached its time "
+                            f"limit on run {restarts + 1} of {self.max_requeues + 1} (max_requeues="
+                            f"{self.max_requeues}) before this cell finished; rerun to submit it again, with a "
+                            "larger [executor] time_min or fewer cells_per_job")
+        return DelayedSubmission(self, config, cell_ids, *args, **kwargs)
+
+
+def _near_time_limit(margin_s: float = 180.0) -> bool:
+    """Whether this SLURM job is within ``margin_s`` of its end time (a time-limit signal, not a preemption);
+    True where SLURM does not say."""
+    end = os.environ.get("SLURM_JOB_END_TIME", "")
+    return not end.isdigit() or float(end) - time.time() <= margin_s
 
 
 def _local_rank() -> int:
@@ -169,6 +187,7 @@ def _executor(settings: ExecutorSettings, folder: Path, config, n_tasks: int):
         params: dict[str, Any] = {
             "time": settings.minutes(), "nodes": 1, "ntasks_per_node": n_tasks,
             "job_name": f"fnabench-{config.name}", "array_parallelism": settings.parallelism(),
+            "signal_delay_s": settings.signal_delay_s,
             "setup": list(settings.setup) or None,
             "additional_parameters": dict(settings.sbatch) or None,
         }
@@ -249,7 +268,7 @@ def submit(config, settings: ExecutorSettings, *, retime: bool = False,
     before = set(folder.iterdir())
     try:  # submitit echoes a failed sbatch's stderr itself; the one line below quotes it instead
         with contextlib.redirect_stderr(io.StringIO()), executor.batch():
-            handles = [executor.submit(CellJob(), *a) for a in args]
+            handles = [executor.submit(CellJob(settings.max_requeues), *a) for a in args]
     except (subprocess.CalledProcessError, _submitit_error()) as err:
         for path in set(folder.iterdir()) - before:  # the refused jobs' pickles and scripts: nothing to trip over
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -299,7 +318,7 @@ def _run_local(executor, args: list[tuple], settings: ExecutorSettings, result: 
         while queue or active:
             while queue and len(active) < settings.parallelism():
                 a = queue.pop(0)
-                handle = executor.submit(CellJob(), *a)
+                handle = executor.submit(CellJob(settings.max_requeues), *a)
                 _note_submission(out, handle, a[1], settings.kind)
                 result.jobs.append((str(handle.job_id), a[1]))
                 active.append((handle, a))

@@ -36,6 +36,7 @@ class ExecutorSettings:
     log_dir: str | None = None  # default: RESULTS/.jobs
     wait: bool | None = None  # default: local waits, slurm submits and returns
     max_requeues: int = 3  # submitit requeues a job that hit its time limit or was preempted
+    signal_delay_s: int = 90  # SLURM signals a job this long before its time limit (submitit then requeues it)
     stale_after_s: float = 600.0  # a claim without a heartbeat for this long is taken over
     sbatch: dict[str, Any] = field(default_factory=dict)  # further sbatch options, e.g. {"mail-type" = "END"}
 
@@ -83,6 +84,7 @@ _KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_dir": (_nonempty_str, "a folder path (a string)"),
     "wait": (lambda v: isinstance(v, bool), "true or false"),
     "max_requeues": _int(0),
+    "signal_delay_s": (_int(1)[0], "an integer >= 1 (seconds before the time limit that SLURM signals the job)"),
     "stale_after_s": (_positive_number, "a number of seconds > 0"),
     "sbatch": (lambda v: isinstance(v, dict) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
                                                     for x in v.values()),

@@ -12,6 +12,7 @@ results folder (two shells, or the jobs of ``--executor local|slurm``) never run
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -86,6 +87,12 @@ def _progress_factory(quiet: bool) -> Callable[[Iterable, str, int | None], Iter
     from tqdm.auto import tqdm
 
     return lambda it, desc, total: tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def stops_the_job(err: BaseException) -> bool:
+    """An exception a job's scheduler raises to end the job (submitit's ``UncompletedJobError``, from its signal
+    handler at a time limit it will not requeue again): it ends the job; it is not the running cell's failure."""
+    return type(err).__module__.startswith("submitit")
 
 
 def _failed_record(cell: rec.Cell, started: str, t0: float, err: BaseException, env: dict) -> dict:
@@ -246,6 +253,8 @@ class Runner:
                 raise loaded
             loaded = loaded or self._load(model_name, size)
         except Exception as err:  # every cell of this model fails with the load error, the sweep goes on
+            if stops_the_job(err):
+                raise
             for cell in group:
                 next(bar_iter, None)
                 if not self._take(cell, summary):
@@ -277,6 +286,8 @@ class Runner:
                     continue
                 record = self._run_cell(cell, loaded, task, data, settings, started, t0, env)
             except Exception as err:
+                if stops_the_job(err):
+                    raise
                 if cell.id in self._done:  # a failed retime keeps the record it had
                     self.log(f"retime failed, record kept: {cell.model} | {cell.variant} | {cell.task}: {err}")
                     continue
@@ -486,6 +497,21 @@ def _check_input_size(loaded, model_name: str, dtype: torch.dtype) -> None:
         raise ConfigError(f"{model_name} cannot take {size}x{size} px images ({type(err).__name__}: {first[:160]}); "
                           "accepted: a size its patch embedding and position embeddings can take, "
                           "e.g. a multiple of the patch size") from None
+
+
+def fail_unfinished(config: SweepConfig, cell_ids: Iterable[str], error: str) -> list[str]:
+    """Record as failed, with ``error``, each of these cells that has no ``ok`` record yet: what a job that is
+    about to end without them (its time limit reached for the last time) leaves, so ``status`` shows why."""
+    out, wanted, env, failed = config.output_dir(), set(cell_ids), rec.environment(config.device), []
+    for cell in cells(config):
+        path = out / f"{cell.id}.json"
+        if cell.id not in wanted or (path.is_file() and json.loads(path.read_text()).get("status") == "ok"):
+            continue
+        record = _base_record(cell, rec.now(), time.perf_counter(), env)
+        record.update(status="failed", error=error, traceback="")
+        rec.write_record(out, record)
+        failed.append(cell.id)
+    return failed
 
 
 def run_sweep(config: SweepConfig, *, quiet: bool = False) -> SweepSummary:
