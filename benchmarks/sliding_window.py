@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 with fnabench.patch(unwindowed, args.spec):
                     ignored = unwindowed(ids).logits
 
-            def rel(x: torch.Tensor) -> float:
+            def rel(x: torch.Tensor, ref: torch.Tensor = ref) -> float:
                 return ((x - ref).norm() / ref.norm()).item()
 
             rows.append({"tokens": n, "seed": seed, "spec": args.spec, "window": 16,
