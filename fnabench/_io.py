@@ -12,6 +12,14 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_root() -> Path:
+    """fnabench's cache folder: ``$FNABENCH_CACHE``, else ``$XDG_CACHE_HOME/fnabench``, else ``~/.cache/fnabench``
+    (an empty variable counts as unset)."""
+    if os.environ.get("FNABENCH_CACHE"):
+        return Path(os.environ["FNABENCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fnabench"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

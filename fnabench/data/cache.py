@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-
-def cache_root() -> Path:
-    """fnabench's cache folder: ``$FNABENCH_CACHE``, else ``$XDG_CACHE_HOME/fnabench``, else ``~/.cache/fnabench``
-    (an empty variable counts as unset)."""
-    if os.environ.get("FNABENCH_CACHE"):
-        return Path(os.environ["FNABENCH_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fnabench"
+from fnabench._io import cache_root  # noqa: F401  (the cache folder, defined at the bottom layer for compiled ops)
 
 
 def content_hash(obj: Any, length: int = 10, default: Callable[[Any], Any] | None = None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from fnabench.variants import fps_kernel
 from fnabench.variants.threads import single_thread
 
 
@@ -41,11 +42,14 @@ def farthest_point_sampling(
     candidates' centroid. Each later pick maximises the distance to the set chosen so far, so
     outliers (high-norm sink/artifact tokens) enter early. Masks shared by every row (1-D, as specs
     give them) take a path whose guaranteed block and run-out are decided on the host: five small ops
-    per pick instead of ten; per-row masks ([B, N]) decide them on the device. Both pick the same tokens.
+    per pick instead of ten; per-row masks ([B, N]) decide them on the device. On the CPU the loop runs as one
+    compiled call where it could be built (variants/fps_kernel.py). All pick the same tokens.
     """
     with single_thread():
         x = x.float()
         sq_norm = (x * x).sum(-1, keepdim=True)  # [B, N, 1]
+        if x.device.type == "cpu" and m > 0 and fps_kernel.available():
+            return _fps_compiled(x, sq_norm, m, guarantee, exclude)
         if _shared(guarantee) and _shared(exclude):
             return _fps_shared_masks(x, sq_norm, m, guarantee, exclude)
         return _fps_row_masks(x, sq_norm, m, guarantee, exclude)
@@ -96,6 +100,17 @@ def _fps_shared_masks(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
             _distance_update(x, sq_norm, score, pick)
     idx = torch.cat(picks, dim=1)
     return torch.cat([idx, idx[:, -1:].expand(batch, m - steps)], dim=1) if steps < m else idx
+
+
+def _fps_compiled(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
+    """The row-mask rule below, its loop in ``torch.ops.fnabench.fps``: masks and the first pick made here."""
+    batch, num_tokens, _ = x.shape
+    guarantee = _as_batch_mask(guarantee, batch, num_tokens, x.device)
+    exclude = _as_batch_mask(exclude, batch, num_tokens, x.device) & ~guarantee
+    g_order, g_count = _guaranteed_order(guarantee, m)
+    candidate = ~(guarantee | exclude)
+    first = _centre_pick(x, sq_norm, candidate[..., None])[:, 0]
+    return fps_kernel.fps(x, candidate, g_order, g_count, first, m)
 
 
 def _fps_row_masks(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
