@@ -2,7 +2,8 @@
 
 FLOPs are counted per dispatched op with ``torch.utils.flop_counter``'s formulas (the same ones
 ``FlopCounterMode`` uses), with its known gaps closed: CPU SDPA (counted 0 upstream) gets the SDPA
-formula, SVD and pinv get Golub & Van Loan's operation counts, and the ``nn.MultiheadAttention``
+formula, SVD and pinv get Golub & Van Loan's operation counts, fnabench's compiled FPS op gets the eager
+loop's count, and the ``nn.MultiheadAttention``
 fast path (invisible to counters) is switched off while counting. 1 FLOP = 1 multiply or add, so
 FLOPs = 2 × multiply-adds; elementwise ops and softmax are not counted (the usual convention).
 FLOPs inside a variant's token mixing (the profiler range ``fnabench::attention``) and inside any
@@ -88,6 +89,18 @@ def _triangular_formula(a_shape, b_shape, *args, out_shape=None, **kwargs) -> in
     return _batch(a_shape, b_shape) * a_shape[-1] * a_shape[-1] * b_shape[-1]
 
 
+def _fps_formula(x, candidate, g_order, g_count, first, m, *args, out_val=None, **kwargs) -> int:
+    """fnabench's compiled farthest-point sampling (variants/fps_kernel.py): per row, one x·p product (2·N·D) after
+    every pick that has a next one, min(m, guaranteed + candidates) − 1 of them: the eager loop's count."""
+    _, n, d = x.shape
+    picks = (g_count + candidate.sum(-1)).clamp(max=m)
+    return int(2 * n * d * (picks - 1).clamp(min=0).sum())
+
+
+#: formulas for fnabench's own compiled ops, by qualified name (they may load after a counter starts)
+_OWN_OPS = {"fnabench::fps": _fps_formula}
+
+
 def _extra_formulas() -> dict:
     extra = {}
     cpu_sdpa = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -150,8 +163,9 @@ class _Counter(TorchDispatchMode):
         elif name == "_record_function_exit":
             if self._ranges:
                 self._ranges.pop()
-        elif packet in self.registry:
-            flops = int(self.registry[packet](*args, **kwargs, out_val=out))
+        elif packet in self.registry or getattr(packet, "_qualified_op_name", None) in _OWN_OPS:
+            formula = self.registry.get(packet) or _OWN_OPS[packet._qualified_op_name]
+            flops = int(formula(*args, **kwargs, out_val=out))
             self.total += flops
             self.by_op[name] += flops
             if any(self._ranges) or name in _SDPA_OPS:

@@ -55,3 +55,20 @@ def test_fna_with_fps_landmarks_is_unchanged(monkeypatch):
     monkeypatch.setenv("FNABENCH_FPS", "eager")
     eager = variant.attend(q, k, v, ForwardState(tower="image", num_layers=1, num_prefix=1))
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("spec", ["fna:m=16,landmarks=fps", "fna:m=16,landmarks=fps,guarantee=none",
+                                  "fna:m=40,landmarks=fps,exclude=1:20", "fna:m=8,landmarks=norm"])
+def test_counted_flops_are_the_eager_loops(monkeypatch, spec):
+    timm = pytest.importorskip("timm")
+    import fnabench
+    from fnabench.measure import count_flops
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, depth=2,
+                              num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with fnabench.patch(model, spec):
+        compiled = count_flops(model, x)
+        monkeypatch.setenv("FNABENCH_FPS", "eager")
+        eager = count_flops(model, x)
+    assert compiled.by_op.get("fps", 0) > 0 and (compiled.total, compiled.attention) == (eager.total, eager.attention)

@@ -73,7 +73,7 @@ at::Tensor fps_cpu(const at::Tensor& x_in, const at::Tensor& candidate_in, const
         else pick = last;
         op[b * m + step] = pick;
         last = pick;
-        if (step + 1 == m) break;
+        if (step + 1 >= m || step + 1 >= limit) continue;  // no next pick to choose: the rest repeat this one
         at::mv_out(dots, xb, xb[pick]);
         const float* dp = dots.data_ptr<float>();
         const float sp = sq[pick];

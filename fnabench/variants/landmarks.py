@@ -109,7 +109,10 @@ def _fps_compiled(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
     exclude = _as_batch_mask(exclude, batch, num_tokens, x.device) & ~guarantee
     g_order, g_count = _guaranteed_order(guarantee, m)
     candidate = ~(guarantee | exclude)
-    first = _centre_pick(x, sq_norm, candidate[..., None])[:, 0]
+    if bool((g_count == 0).any()):  # a row without guarantees starts at the candidate farthest from the centroid
+        first = _centre_pick(x, sq_norm, candidate[..., None])[:, 0]
+    else:
+        first = torch.zeros(batch, dtype=torch.long, device=x.device)
     return fps_kernel.fps(x, candidate, g_order, g_count, first, m)
 
 
