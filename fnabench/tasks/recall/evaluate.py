@@ -125,12 +125,18 @@ def resolve_eval(config: RunConfig, **overrides) -> EvalConfig:
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, probe: str = "none", *,
                  steps: list[int] | None = None, progress: bool = True, refresh: bool = False) -> dict:
-    """Evaluate every checkpoint of a run (cached per checkpoint) and write/return the curve summary."""
+    """Evaluate every checkpoint of a run (cached per checkpoint) and write/return the curve summary. A checkpoint
+    whose weights were deleted after its evaluation was cached keeps its place in the whole curve, so a run
+    carried elsewhere needs only its evaluations, its last checkpoint and ``resume.pt``."""
     run_dir = Path(run_dir)
     config = rundir.load_config(run_dir)
     cfg = cfg or config.eval
     tag = eval_tag(cfg, probe)
     checkpoints = [(s, p) for s, p in rundir.list_checkpoints(run_dir) if steps is None or s in steps]
+    if steps is None:  # the whole curve: cached evaluations of checkpoints no longer on disk count too
+        held = {s for s, _ in checkpoints}
+        cached = [(int(p.stem.removeprefix("step_")), None) for p in (run_dir / rundir.EVALS / tag).glob("step_*.json")]
+        checkpoints = sorted(checkpoints + [(s, None) for s, _ in cached if s not in held], key=lambda t: t[0])
     if not checkpoints:
         raise ConfigError(f"{run_dir} has no checkpoints to evaluate")
     base_path = run_dir / rundir.EVALS / tag / "baselines.json"
@@ -143,7 +149,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, probe: str 
     bar = _bar(len(checkpoints), progress)
     for step, path in checkpoints:
         out = rundir.eval_path(run_dir, tag, step)
-        if out.is_file() and not refresh:
+        if out.is_file() and (not refresh or path is None):
             row = rundir.read_json(out)
         else:
             model, counters = load_checkpoint(config, path)
