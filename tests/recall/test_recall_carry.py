@@ -30,7 +30,7 @@ def test_a_carried_run_keeps_its_curve_and_resumes_to_the_same_weights(tmp_path)
         _train(whole)
         _train(carried, "--until-step", "20")
         before = evaluate_run(carried, progress=False)
-        for step, path in rundir.list_checkpoints(carried)[:-1]:  # what a carried run leaves behind
+        for _, path in rundir.list_checkpoints(carried)[:-1]:  # what a carried run leaves behind
             path.unlink()
         assert evaluate_run(carried, progress=False) == before  # the curve from the cached evaluations
         _train(carried)  # resume from resume.pt to the configured 30 steps
