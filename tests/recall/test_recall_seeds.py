@@ -60,6 +60,7 @@ def test_every_record_says_whether_its_run_is_finished(board):
     kinds = {r["task"].split(",")[1].split("=")[0] if "," in r["task"] else "curve" for r in records}
     assert kinds == {"curve", "probe", "patch", "circuit"}
     for record in records:
+        assert len(record["recall"]["weights_sha256"]) == 64  # the checkpoint it scored, by its hash
         seed = record["recall"]["train_seed"]
         want = (False, 10) if seed == 2 else (True, 20)
         assert (record["recall"]["finished"], record["recall"]["steps_done"]) == want, record["task"]

@@ -17,7 +17,8 @@ completes into a harness record:
   ``duration_s`` the training wall time up to the checkpoint;
 - ``recall``: what the report's tables need besides (eval settings, emergence points, quartiles, training
   examples / FLOPs / seconds, the run config and costs, the run directory; for the plain query's curve the
-  whole curve over checkpoints, ``curve``, which the figures are drawn from), and whether the run is finished:
+  whole curve over checkpoints, ``curve``, which the figures are drawn from; ``weights_sha256``, the sha256 of
+  the checkpoint file the record scored, where the run directory holds it), and whether the run is finished:
   ``steps_done`` (its last checkpoint's step when the record was made), ``steps_planned`` (its configured
   training steps) and ``finished`` (``steps_done >= steps_planned``). Every result made from a run carries
   them, whatever its own checkpoint (``step``); the report's cross-seed summaries read them.
@@ -29,6 +30,7 @@ records of that form convert without their run directories.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -182,6 +184,11 @@ def records_from_run(run_dir: str | Path, evaluate: bool = True) -> list[dict]:
     results = [result_from_flat(flat_record(config, costs, rundir.read_json(p), run_dir, done), started=started,
                                 finished=_file_time(p)) for p in paths]
     results += _intervention_results(run_dir, config, costs, started, done)
+    checkpoints = dict(rundir.list_checkpoints(run_dir))
+    for result in results:  # the model each record scored, by the sha256 of its checkpoint file
+        path = checkpoints.get(result["recall"]["step"])
+        if path is not None:
+            result["recall"]["weights_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return results
 
 
