@@ -169,14 +169,20 @@ def exact_attention(query, key, value, mask, call: Call) -> torch.Tensor:
         return weights @ value
 
 
-def _refuse_or_exact(site: Site, query, key, value, mask, call: Call) -> torch.Tensor | None:
-    """Exact attention where the call has a feature only exact computes and the variant does nothing here;
-    a one-line refusal where the variant would act; None where the call has no such feature."""
+def _instead_of_variant(site: Site, query, key, value, mask, call: Call, window_binds: bool) -> torch.Tensor | None:
+    """What runs at this prefill instead of the variant, or None where the variant runs: exact attention where the
+    sliding window binds (the state says why) or where the call has a feature only exact computes and the variant
+    does nothing at this layer; a one-line refusal where the variant would act on such a feature."""
+    state = site.state
+    state.exact_because.pop(site.layer, None)
+    if call.window is not None and window_binds:
+        state.exact_because[site.layer] = f"sliding window {call.window} over {key.shape[2]} tokens"
+        return exact_attention(query, key, value, mask, call)
     extras = call.exact_only()
     if not extras:
         return None
-    site.state.layer = site.layer
-    if site.variant.acts_at(site.state):
+    state.layer = site.layer
+    if site.variant.acts_at(state):
         raise UnsupportedAttentionError(
             f"{site.variant.short} cannot honour {' and '.join(extras)} in {site.name} "
             f"({type(site.module).__name__}); accepted: exact attention there (layers= that leave it out)")
@@ -201,11 +207,7 @@ def _causal(site: Site, module: nn.Module, query, key, value, mask, call: Call) 
     state = site.state
     if q_len < kv_len:  # decoding (or chunked prefill) on a cache: exact over what it holds
         return exact_attention(query, key, value, mask, call)
-    state.exact_because.pop(site.layer, None)
-    if call.window is not None and not is_plain_causal(mask, q_len):  # the window binds (the mask says so)
-        state.exact_because[site.layer] = f"sliding window {call.window} over {kv_len} tokens"
-        return exact_attention(query, key, value, mask, call)
-    out = _refuse_or_exact(site, query, key, value, mask, call)
+    out = _instead_of_variant(site, query, key, value, mask, call, not is_plain_causal(mask, q_len))
     if out is not None:
         return out
     heads = query.shape[1]
@@ -241,11 +243,7 @@ def _bidirectional(site: Site, query, key, value, mask, call: Call) -> torch.Ten
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len != kv_len:
         return exact_attention(query, key, value, mask, call)
-    site.state.exact_because.pop(site.layer, None)
-    if call.window is not None and _hides_keys(mask):  # the window binds
-        site.state.exact_because[site.layer] = f"sliding window {call.window} over {kv_len} tokens"
-        return exact_attention(query, key, value, mask, call)
-    out = _refuse_or_exact(site, query, key, value, mask, call)
+    out = _instead_of_variant(site, query, key, value, mask, call, _hides_keys(mask))
     if out is not None:
         return out
     heads = query.shape[1]

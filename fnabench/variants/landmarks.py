@@ -102,13 +102,19 @@ def _fps_shared_masks(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
     return torch.cat([idx, idx[:, -1:].expand(batch, m - steps)], dim=1) if steps < m else idx
 
 
-def _fps_compiled(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
-    """The row-mask rule below, its loop in ``torch.ops.fnabench.fps``: masks and the first pick made here."""
+def _row_masks(x, m: int, guarantee, exclude) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the guaranteed indices in order [B, k], how many [B], and the candidates [B, N] (neither
+    guaranteed nor excluded)."""
     batch, num_tokens, _ = x.shape
     guarantee = _as_batch_mask(guarantee, batch, num_tokens, x.device)
     exclude = _as_batch_mask(exclude, batch, num_tokens, x.device) & ~guarantee
-    g_order, g_count = _guaranteed_order(guarantee, m)
-    candidate = ~(guarantee | exclude)
+    return (*_guaranteed_order(guarantee, m), ~(guarantee | exclude))
+
+
+def _fps_compiled(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
+    """The row-mask rule below, its loop in ``torch.ops.fnabench.fps``: masks and the first pick made here."""
+    batch = x.shape[0]
+    g_order, g_count, candidate = _row_masks(x, m, guarantee, exclude)
     if bool((g_count == 0).any()):  # a row without guarantees starts at the candidate farthest from the centroid
         first = _centre_pick(x, sq_norm, candidate[..., None])[:, 0]
     else:
@@ -117,11 +123,8 @@ def _fps_compiled(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
 
 
 def _fps_row_masks(x, sq_norm, m: int, guarantee, exclude) -> torch.Tensor:
-    batch, num_tokens, _ = x.shape
-    guarantee = _as_batch_mask(guarantee, batch, num_tokens, x.device)
-    exclude = _as_batch_mask(exclude, batch, num_tokens, x.device) & ~guarantee
-    g_order, g_count = _guaranteed_order(guarantee, m)
-    candidate = ~(guarantee | exclude)
+    batch = x.shape[0]
+    g_order, g_count, candidate = _row_masks(x, m, guarantee, exclude)
     # one tensor is both the running min distance and the score: chosen and non-candidates sit at -inf
     # (a fixed number of steps, no data-dependent bounds: it also runs on meta tensors, for FLOP counts)
     first = _centre_pick(x, sq_norm, candidate[..., None])[:, 0]  # a row without guarantees starts here
