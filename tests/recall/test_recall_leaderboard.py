@@ -12,7 +12,7 @@ from fnabench.cli import recall_cmd as recall_cli
 from fnabench.cli.main import main
 from fnabench.harness.records import RecordError, read_records
 from fnabench.harness.suites import make_record
-from fnabench.tasks.recall.run_results import runs_from_records
+from fnabench.tasks.recall.run_results import run_progress, runs_from_records
 from fnabench.tasks.recall.tables import INTERVENTION_FILES, REPORT_FILES, report_files
 
 BOARD = Path(__file__).resolve().parents[2] / "leaderboards" / "recall-cpu"
@@ -163,3 +163,35 @@ def test_make_record_completes_and_checks_a_suite_result():
         make_record({k: v for k, v in result.items() if k != "metrics"})
     with pytest.raises(RecordError, match="metric 'err' is not a number"):
         make_record({**result, "metrics": {"err": "x"}}, {})
+
+
+def test_cpu_n5_description_numbers_are_its_records():
+    """Every number in leaderboards/recall-cpu-n5/description.md, recomputed from its records (or from the
+    circuits table its records make)."""
+    board = BOARD.parent / "recall-cpu-n5"
+    text = " ".join((board / "description.md").read_text().split())
+    records = read_records(board / "records")
+    curve = {r["recall"]["train_seed"]: r for r in records if r["task"] == "recall:h5"}
+    circuit = {(r["recall"]["train_seed"], r["recall"]["circuit"]["target"]): r["metrics"] for r in records
+               if "circuit" in r["recall"]}
+    assert sorted(curve) == [0, 1, 2] and all(run_progress(r)["finished"] for r in curve.values())
+    k2 = [int(curve[s]["metrics"]["emergence_examples_k2"] // 1000) for s in (0, 1, 2)]
+    assert f"at {k2[0]}k, {k2[1]}k and {k2[2]}k examples" in text
+    k1 = curve[0]["metrics"]["emergence_examples_k1"]
+    assert f"seed 0 at {k1 / 1000:.0f}k examples ({k1 / curve[0]['metrics']['emergence_examples_k2']:.1f}×" in text
+    assert all("emergence_examples_k1" not in curve[s]["metrics"] for s in (1, 2))
+    assert f"end at {curve[1]['metrics']['err_k1']:.3f} and {curve[2]['metrics']['err_k1']:.3f}" in text
+    assert f"zero predictor's level ({curve[1]['metrics']['zero_k1']:.3f})" in text
+    recovered = ", ".join(f"{circuit[(s, 'k2')]['recovered']:.2f}" for s in (0, 1)) + \
+        f" and {circuit[(2, 'k2')]['recovered']:.2f}"
+    edges = ", ".join(f"{circuit[(s, 'k2')]['edges_kept']:.0f}" for s in (0, 1)) + \
+        f" and {circuit[(2, 'k2')]['edges_kept']:.0f}"
+    assert f"recovers {recovered} of the observation swap's damage with {edges} edges" in text
+    assert f"(seed 0: {circuit[(0, 'k1')]['edges_kept']:.0f} edges, {circuit[(0, 'k1')]['recovered']:.2f}" in text
+    assert all("recovered" not in circuit[(s, "k1")] for s in (1, 2))
+    rows = [line.split("|") for line in (board / "circuits.md").read_text().splitlines()
+            if line.startswith("| cpu-n5 seed") and line.split("|")[2].strip().isdigit()]  # the overlap table
+    jaccard = sorted(float(row[5]) for row in rows)
+    assert f"Jaccard) {jaccard[0]:.2f}–{jaccard[-1]:.2f}" in text
+    seconds = [f"{curve[s]['duration_s']:,.0f}" for s in (0, 1, 2)]
+    assert f"seed 0 {seconds[0]} s, seeds 1 and 2 {seconds[1]} s and {seconds[2]} s" in text
