@@ -75,17 +75,43 @@ def test_patched_exact_and_every_token_a_landmark_answer_as_the_unpatched_model(
         assert answers == ref_answers and scores == ref_scores, (variant, placement)
 
 
-def test_python_m_lmms_eval_runs_offline_with_the_shipped_task(tiny_dir, tmp_path):
+def _lmms_cli(tiny_dir: Path, out: Path, launcher: list[str], limit: int = 8) -> tuple[dict, dict[int, list], str]:
+    """Run ``-m lmms_eval`` under ``launcher`` with samples logged: (its results file, {doc_id: answers}, its log)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(Path(__file__).parent.parent)}
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "fnabench", "--model_args",
+           "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher, "-m", "lmms_eval", "--model", "fnabench", "--model_args",
            f"pretrained={tiny_dir},variant=fna:m=8,layers=1:,placement=language", "--tasks", TASK,
-           "--include_path", task_folder(), "--limit", "4", "--batch_size", "1", "--output_path", str(tmp_path)]
+           "--include_path", task_folder(), "--limit", str(limit), "--batch_size", "1", "--log_samples",
+           "--output_path", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in tmp_path.rglob("*results*.json")]
-    assert results and results[0]["results"][TASK]["exact_match,none"] >= 0
-    assert "fna:m=8,layers=1:" in results[0]["config"]["model_args"]
+    results = [json.loads(p.read_text()) for p in out.rglob("*results*.json")]
+    samples = [json.loads(line) for p in out.rglob(f"*samples_{TASK}*.jsonl") for line in p.read_text().splitlines()]
+    assert len(results) == 1 and samples, sorted(str(p) for p in out.rglob("*"))
+    return results[0], {s["doc_id"]: s["filtered_resps"] for s in samples}, done.stdout + done.stderr
+
+
+def test_python_m_lmms_eval_runs_offline_with_the_shipped_task(tiny_dir, tmp_path):
+    results, answers, _ = _lmms_cli(tiny_dir, tmp_path, [sys.executable], limit=4)
+    assert results["results"][TASK]["exact_match,none"] >= 0 and sorted(answers) == [0, 1, 2, 3]
+    assert "fna:m=8,layers=1:" in results["config"]["model_args"]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_cpu_processes_answers_and_scores_as_one_process(tiny_dir, tmp_path):
+    """lmms-eval's own data parallelism (``accelerate launch --num_processes 2``, gloo on CPU): each rank
+    answers a shard of the questions and rank 0 gathers them; every answer and the score equal one process's.
+    (``--cpu`` would start one process where no mpirun is set up; ``--multi_gpu`` starts two through
+    torch.distributed, which falls back to gloo without CUDA.)"""
+    pytest.importorskip("accelerate", reason="accelerate (an lmms-eval dependency) is not installed")
+    one, one_answers, _ = _lmms_cli(tiny_dir, tmp_path / "one", [sys.executable])
+    two, two_answers, log = _lmms_cli(tiny_dir, tmp_path / "two", [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"])
+    assert "Running on rank 1 (local rank 1)" in log  # two processes ran, not one
+    assert sorted(two_answers) == sorted(one_answers) == list(range(8))  # every question once, none twice
+    assert two_answers == one_answers
+    assert two["results"][TASK] == one["results"][TASK]
 
 
 def test_an_lmms_cell_records_prefill_flops_ttft_kv_cache_and_decode_rate(tiny_dir, tmp_path):
