@@ -131,6 +131,25 @@ def test_failing_cell_is_recorded_and_sweep_goes_on(sweep, tmp_path, capsys, mon
     assert len(summary.failed) == 1 and len(summary.skipped) == 1
 
 
+def test_a_nan_metric_is_a_failed_cell_with_its_reason_not_an_ok_one(sweep, tmp_path, monkeypatch):
+    from fnabench.tasks.fidelity import FidelityTask
+
+    evaluate = FidelityTask.evaluate
+
+    def nan_under_fna(self, loaded, data, settings):  # exact's features are its own (cos_sim 1); FNA's are not
+        metrics = evaluate(self, loaded, data, settings)
+        return {**metrics, "cos_sim": float("nan")} if metrics["cos_sim"] < 1 - 1e-6 else metrics
+
+    monkeypatch.setattr(FidelityTask, "evaluate", nan_under_fna)
+    out = tmp_path / "results"
+    assert main(["run", str(sweep), "--out", str(out), "--quiet", "--variants", "exact", "fna:m=4"]) == 1
+    records = {r["variant_short"]: r for r in rec.read_records(out)}
+    assert records["exact"]["status"] == "ok"
+    failed = records["fna:m=4"]
+    assert failed["status"] == "failed" and failed["metrics"] == {}
+    assert "NonFiniteMetricError" in failed["error"] and "cos_sim=nan" in failed["error"]
+
+
 def test_a_variant_the_model_cannot_take_fails_before_any_cell(sweep, tmp_path, capsys):
     out = tmp_path / "results"
     assert main(["run", str(sweep), "--out", str(out), "--quiet", "--variants", "exact", "fna:m=4,tower=text"]) == 2

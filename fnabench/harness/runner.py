@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -94,6 +95,10 @@ def stops_the_job(err: BaseException) -> bool:
     """An exception a job's scheduler raises to end the job (submitit's ``UncompletedJobError``, from its signal
     handler at a time limit it will not requeue again): it ends the job; it is not the running cell's failure."""
     return type(err).__module__.startswith("submitit")
+
+
+class NonFiniteMetricError(ValueError):
+    """A cell whose task returned a NaN or infinite metric: recorded as failed, never as ok."""
 
 
 def _failed_record(cell: rec.Cell, started: str, t0: float, err: BaseException, env: dict) -> dict:
@@ -315,7 +320,12 @@ class Runner:
         if isinstance(metrics.get("details"), dict):  # what a task reports beside its metrics (per-class scores)
             metrics = dict(metrics)
             record["details"] = metrics.pop("details")
-        record.update(metrics={k: float(v) for k, v in metrics.items()}, primary_metric=task.primary,
+        metrics = {k: float(v) for k, v in metrics.items()}
+        broken = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        if broken:  # a NaN or an infinity measures nothing: the cell fails with the reason, the sweep goes on
+            raise NonFiniteMetricError(f"metric(s) {', '.join(f'{k}={metrics[k]}' for k in broken)} of {cell.task} "
+                                       f"under {cell.variant} are not finite numbers")
+        record.update(metrics=metrics, primary_metric=task.primary,
                       higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
                       peak_memory_bytes=int(memory), image_size=loaded.image_size)
         record.update(_items(task, data, metrics))
