@@ -32,17 +32,24 @@ def test_the_backbone_card_names_its_weights_for_what_they_are_and_hashes_the_fi
     assert f"sha256: {expected} (vit_s_focus.onnx)" in out
     assert "saliency" in out and "not Meta's released DINOv2 checkpoint" in out and "licence: MIT" in out
     assert cards.weights_of("offline:dinov2-s") == {"file": "vit_s_focus.onnx", "sha256": expected}
+    from fnabench.models.offline.dinov2_s_shapes import shapes_folder
+    from fnabench.models.offline.llava_shapes_training import TrainConfig, default_folder
+
+    # the trained-here models' recipes are the hashes that name their cache folders
+    assert f"recipe: {shapes_folder().name.rsplit('-', 1)[-1]}" in out
+    assert f"recipe: {default_folder(TrainConfig()).name.rsplit('-', 1)[-1]}" in out
 
 
 def test_a_model_not_made_yet_says_so_and_a_sweep_record_stores_the_weights_hash(tmp_path, monkeypatch):
     weights = tmp_path / "model.safetensors"
     card = cards.ModelCard("tiny:vit", "a tiny ViT", "random", lambda: "MIT", "none",
-                           lambda: weights if weights.is_file() else None)
-    assert card.render().endswith("sha256: none here yet (made on first use)")
+                           lambda: weights if weights.is_file() else None, lambda: "abc123")
+    assert card.render().endswith("recipe: abc123\n  sha256: none here yet (made on first use)")
     weights.write_bytes(b"pretend weights")
     monkeypatch.setitem(cards.CARDS, "tiny:vit", card)
     config = SweepConfig(name="carded", models=["tiny:vit"], tasks=["fidelity:synthetic"], variants=["exact"],
                          image_sizes=[32], batch_size=2, limit=2, timing_repeats=1, out=str(tmp_path / "out"))
     assert run_sweep(config, quiet=True).ok
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
-    assert record["weights"] == {"file": "model.safetensors", "sha256": hashlib.sha256(b"pretend weights").hexdigest()}
+    assert record["weights"] == {"file": "model.safetensors", "sha256": hashlib.sha256(b"pretend weights").hexdigest(),
+                                 "recipe": "abc123"}

@@ -90,7 +90,7 @@ class Record(TypedDict, total=False):
     image_size: int | None  # the input size the model ran at (a sweep cell's; settings hold the asked one)
     kv_cache: dict[str, Any]  # decoder cells: the KV cache after prefill and one decoding step, against exact's
     fallback: dict[str, Any]  # fallback=auto cells: which layers ran the approximation and which ran exact
-    weights: dict[str, str]  # an offline model's weights file and its sha256 (models/cards.py)
+    weights: dict[str, str]  # an offline model's weights file, sha256 and training recipe's hash (models/cards.py)
     details: dict[str, Any]  # what a task reports beside its metrics (e.g. classify:'s per-class scores)
     provenance: str  # where a record came from when no run wrote it (recall-cpu: converted from its older records)
     recall: dict[str, Any]  # recall report results: what its side tables need (settings, points, curves)

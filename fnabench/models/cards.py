@@ -30,13 +30,17 @@ class ModelCard:
     licence: Callable[[], str]
     training: str
     locate: Callable[[], Path | None]
+    #: the hash of the recipe that trains it here (None: not trained here); it names its cache folder
+    recipe: Callable[[], str] | None = None
 
     def render(self) -> str:
         """The card as ``fnabench list models`` prints it, the weights' sha256 included (or why there is none)."""
         path = self.locate()
         digest = f"{file_sha256(path)} ({path.name})" if path is not None else "none here yet (made on first use)"
+        recipe = [f"  recipe: {self.recipe()}"] if self.recipe is not None else []
         return "\n".join([f"{self.name}", f"  architecture: {self.architecture}", f"  weights: {self.weights}",
-                          f"  licence: {self.licence()}", f"  training: {self.training}", f"  sha256: {digest}"])
+                          f"  licence: {self.licence()}", f"  training: {self.training}", *recipe,
+                          f"  sha256: {digest}"])
 
 
 @functools.lru_cache(maxsize=16)
@@ -90,12 +94,14 @@ CARDS: dict[str, ModelCard] = {card.name: card for card in (
     ModelCard("offline:dinov2-s-shapes", f"{_BACKBONE} + a linear head over classify:shapes' classes",
               "offline:dinov2-s's, frozen, and a head fitted here", lambda: "MIT (fnabench); the backbone's: "
               + _wheel_licence(), "on first use: a logistic-regression probe on the frozen backbone's features of "
-              "classify:shapes' generated training images, saved as a timm checkpoint", _shapes_checkpoint),
+              "classify:shapes' generated training images, saved as a timm checkpoint", _shapes_checkpoint,
+              lambda: shapes_folder().name.rsplit("-", 1)[-1]),
     ModelCard("offline:llava-shapes", "transformers LlavaForConditionalGeneration: offline:dinov2-s as the vision "
               "tower, a projector and a small language model", "the tower's from offline:dinov2-s (frozen); "
               "projector and language model trained here", lambda: "MIT (fnabench); the tower's: " + _wheel_licence(),
               "on first use: the projector and language model on generated VQA scenes with known answers "
-              "(models/offline/llava_shapes_training.py), saved as a transformers checkpoint", _llava_checkpoint),
+              "(models/offline/llava_shapes_training.py), saved as a transformers checkpoint", _llava_checkpoint,
+              lambda: TrainConfig().digest()),
 )}
 
 
@@ -105,7 +111,10 @@ def card_for(model: str) -> ModelCard | None:
 
 
 def weights_of(model: str) -> dict[str, str] | None:
-    """``{"file", "sha256"}`` of a carded model's weights as this machine holds them, for its records."""
+    """``{"file", "sha256"[, "recipe"]}`` of a carded model's weights as this machine holds them (and the hash of
+    the recipe that trained them here), for its records."""
     card = card_for(model)
     path = card.locate() if card is not None else None
-    return {"file": path.name, "sha256": file_sha256(path)} if path is not None else None
+    if path is None:
+        return None
+    return {"file": path.name, "sha256": file_sha256(path), **({"recipe": card.recipe()} if card.recipe else {})}
