@@ -259,7 +259,7 @@ def test_unknown_config_is_one_line_naming_what_is_accepted():
 
 @pytest.mark.slow
 def test_the_trained_offline_head_segments_far_above_chance(tmp_path):
-    """The shipped head on the frozen real DINOv2-S, on 6 test images at 448 px, with exact attention."""
+    """The shipped head on the frozen offline:dinov2-s, on 6 test images at 448 px, with exact attention."""
     from fnabench.models.registry import load_model
     from fnabench.tasks.base import Settings
     from fnabench.tasks.registry import make_task
@@ -275,3 +275,65 @@ def test_the_trained_offline_head_segments_far_above_chance(tmp_path):
     # 8 classes; always answering background, these images' most frequent class (55 % of pixels), gives
     # 55.0 aAcc and 6.9 mIoU
     assert metrics["mIoU"] > 40 and metrics["aAcc"] > 65
+
+
+def _logged_metrics(work_dir: Path) -> dict[str, float]:
+    """The aAcc / mIoU / mAcc mmseg's logger wrote for the one run under ``work_dir``."""
+    logs = list(work_dir.glob("*/*.log"))
+    assert len(logs) == 1, logs
+    return {k: float(v) for k, v in re.findall(r"(aAcc|mIoU|mAcc): ([0-9.]+)", logs[0].read_text())}
+
+
+#: on CPU: mmengine's pytorch launcher calls torch.cuda.set_device, so the process group (gloo) is made first and
+#: mmseg's tools/test.py then runs as ``--launcher pytorch`` in it (the runner skips init_dist when one exists)
+_GLOO_FIRST = """
+import runpy, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_mmsegs_distributed_test_on_two_ranks_logs_the_miou_of_one_process(tmp_path):
+    """mmseg's own ``tools/test.py`` with ``--launcher pytorch`` on two ranks (torch.distributed.run, gloo on
+    CPU): each rank takes half the test images through the patched model and the metric gathers them; the
+    logged aAcc / mIoU / mAcc equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    import mmseg
+
+    test_py = Path(mmseg.__file__).parent / ".mim" / "tools" / "test.py"
+    config = tmp_path / "tiny_seg.py"
+    # mmseg's own ViT and FCN head (tools/test.py builds the config as written), FNA through the one-line hook
+    text = _STOCK_BACKBONE_CONFIG.format(data_root=str(tmp_path / "data")).replace("num_test=3", "num_test=4")
+    config.write_text(text + "custom_hooks = [dict(type='FNAPatchHook', variant='fna:m=8')]\n")
+    exact = tmp_path / "tiny_seg_exact.py"
+    exact.write_text(text + "custom_hooks = [dict(type='FNAPatchHook', variant='exact')]\n")
+    torch.manual_seed(0)
+    torch.save({"state_dict": _build_segmentor(_config(config)).state_dict()}, tmp_path / "weights.pth")
+    (tmp_path / "gloo_first.py").write_text(_GLOO_FIRST)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    args = [str(test_py), str(config), str(tmp_path / "weights.pth")]
+    # gloo, and DDP without device ids: the configs' defaults (nccl, device_ids=[LOCAL_RANK]) need GPUs
+    cpu = ["--cfg-options", "env_cfg.dist_cfg.backend=gloo", "model_wrapper_cfg.type=MMDistributedDataParallel",
+           "model_wrapper_cfg.device_ids=None", "model_wrapper_cfg.broadcast_buffers=False"]
+    runs = {"one": [sys.executable, *args],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+                    str(tmp_path / "gloo_first.py"), *args, "--launcher", "pytorch", *cpu],
+            "exact": [sys.executable, str(test_py), str(exact), str(tmp_path / "weights.pth")]}
+    logs = {}
+    for name, cmd in runs.items():
+        done = subprocess.run([*cmd, "--work-dir", str(tmp_path / name)], capture_output=True, text=True, env=env,
+                              timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        logs[name] = done.stdout + done.stderr
+    assert "Distributed training: True" in logs["two"] and "GPU number: 2" in logs["two"]  # mmengine's words
+    assert "Epoch(test) [2/2]" in logs["two"] and "Epoch(test) [4/4]" in logs["one"]  # 2 images a rank, 4 in one
+    one, two = _logged_metrics(tmp_path / "one"), _logged_metrics(tmp_path / "two")
+    assert set(one) == {"aAcc", "mIoU", "mAcc"} and two == one
+    assert _logged_metrics(tmp_path / "exact") != one  # FNA moves these metrics: the equality is not exact's
