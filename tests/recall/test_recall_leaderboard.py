@@ -165,33 +165,56 @@ def test_make_record_completes_and_checks_a_suite_result():
         make_record({**result, "metrics": {"err": "x"}}, {})
 
 
+def _and(items) -> str:
+    """'a', 'a and b', 'a, b and c': a list as the description writes it."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" and {items[-1]}"
+
+
 def test_cpu_n5_description_numbers_are_its_records():
     """Every number in leaderboards/recall-cpu-n5/description.md, recomputed from its records (or from the
     circuits table its records make)."""
+    from statistics import median
+
     board = BOARD.parent / "recall-cpu-n5"
     text = " ".join((board / "description.md").read_text().split())
     records = read_records(board / "records")
     curve = {r["recall"]["train_seed"]: r for r in records if r["task"] == "recall:h5"}
     circuit = {(r["recall"]["train_seed"], r["recall"]["circuit"]["target"]): r["metrics"] for r in records
                if "circuit" in r["recall"]}
-    assert sorted(curve) == [0, 1, 2] and all(run_progress(r)["finished"] for r in curve.values())
-    k2 = [int(curve[s]["metrics"]["emergence_examples_k2"] // 1000) for s in (0, 1, 2)]
-    assert f"at {k2[0]}k, {k2[1]}k and {k2[2]}k examples" in text
-    k1 = curve[0]["metrics"]["emergence_examples_k1"]
-    assert f"seed 0 at {k1 / 1000:.0f}k examples ({k1 / curve[0]['metrics']['emergence_examples_k2']:.1f}×" in text
-    assert all("emergence_examples_k1" not in curve[s]["metrics"] for s in (1, 2))
-    assert f"end at {curve[1]['metrics']['err_k1']:.3f} and {curve[2]['metrics']['err_k1']:.3f}" in text
-    assert f"zero predictor's level ({curve[1]['metrics']['zero_k1']:.3f})" in text
-    recovered = ", ".join(f"{circuit[(s, 'k2')]['recovered']:.2f}" for s in (0, 1)) + \
-        f" and {circuit[(2, 'k2')]['recovered']:.2f}"
-    edges = ", ".join(f"{circuit[(s, 'k2')]['edges_kept']:.0f}" for s in (0, 1)) + \
-        f" and {circuit[(2, 'k2')]['edges_kept']:.0f}"
-    assert f"recovers {recovered} of the observation swap's damage with {edges} edges" in text
-    assert f"(seed 0: {circuit[(0, 'k1')]['edges_kept']:.0f} edges, {circuit[(0, 'k1')]['recovered']:.2f}" in text
-    assert all("recovered" not in circuit[(s, "k1")] for s in (1, 2))
+    seeds = sorted(curve)
+    assert seeds == [0, 1, 2, 3, 4] and all(run_progress(r)["finished"] for r in curve.values())
+    assert all(len(r["recall"]["curve"]["steps"]) > 1 for r in curve.values())  # every seed is on the figure
+    k2 = [curve[s]["metrics"]["emergence_examples_k2"] for s in seeds]
+    assert f"at {_and(f'{k // 1000:.0f}k' for k in k2)} examples (seeds 0–4; median {median(k2) / 1000:.0f}k)" in text
+    recall = [s for s in seeds if "emergence_examples_k1" in curve[s]["metrics"]]
+    others = [s for s in seeds if s not in recall]
+    assert f"emerged in {len(recall)} seeds of {len(seeds)} within" in text
+    ratios = {s: curve[s]["metrics"]["emergence_examples_k1"] / curve[s]["metrics"]["emergence_examples_k2"]
+              for s in recall}
+    assert _and(f"seed {s} at {curve[s]['metrics']['emergence_examples_k1'] / 1000:.0f}k ({ratios[s]:.1f}× after its "
+                "continuation)" for s in recall) in text
+    assert (f"seeds {_and(others)} end at {_and(format(curve[s]['metrics']['err_k1'], '.3f') for s in others)}, the "
+            f"zero predictor's level ({curve[others[0]]['metrics']['zero_k1']:.3f})") in text
+    assert f"in {len(others)} seeds of {len(seeds)} it had not emerged" in text
+    k2c = [circuit[(s, "k2")] for s in seeds]
+    assert (f"recovers {_and(format(c['recovered'], '.2f') for c in k2c)} of the observation swap's damage with "
+            f"{_and(format(c['edges_kept'], '.0f') for c in k2c)} edges") in text
+    for s in recall:
+        assert f"seed {s}: {circuit[(s, 'k1')]['edges_kept']:.0f} edges, {circuit[(s, 'k1')]['recovered']:.2f}" in text
+    quiet = [s for s in others if "recovered" not in circuit[(s, "k1")]]
+    damaged = [s for s in others if s not in quiet]
+    assert f"In seeds {_and(quiet)} the label swap barely changes the k = 1 error" in text
+    for s in damaged:
+        c = circuit[(s, "k1")]
+        assert (f"in seed {s} it raises it from {c['model_err']:.3f} to {c['ablated_err']:.3f} and a "
+                f"{c['edges_kept']:.0f}-edge circuit recovers {c['recovered']:.2f} of that") in text
     rows = [line.split("|") for line in (board / "circuits.md").read_text().splitlines()
             if line.startswith("| cpu-n5 seed") and line.split("|")[2].strip().isdigit()]  # the overlap table
     jaccard = sorted(float(row[5]) for row in rows)
-    assert f"Jaccard) {jaccard[0]:.2f}–{jaccard[-1]:.2f}" in text
-    seconds = [f"{curve[s]['duration_s']:,.0f}" for s in (0, 1, 2)]
-    assert f"seed 0 {seconds[0]} s, seeds 1 and 2 {seconds[1]} s and {seconds[2]} s" in text
+    assert len(jaccard) == len(seeds)
+    assert f"Jaccard) {jaccard[0]:.2f}–{jaccard[-1]:.2f} (median {median(jaccard):.2f})" in text
+    assert f"medians over the {len(seeds)} finished seeds" in text
+    assert f"with recall in {['no', 'one', 'two', 'three', 'four'][len(recall)]} seed" in text
+    seconds = [f"{curve[s]['duration_s']:,.0f}" for s in seeds]
+    assert f"seeds 0–4 {_and(seconds)} s" in text
