@@ -19,6 +19,7 @@ RESULTS = HERE / "results"
 BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 ATTENTION = [("attention_cpu.csv", "idle"), ("attention_cpu_loaded.csv", "other core busy")]
 VIT = ["vit_cpu.csv"]
+OFFICIAL = "official_fna_cpu.csv"
 
 
 def _rows(name: str) -> list[dict]:
@@ -54,6 +55,15 @@ def render() -> str:
                 continue
             lines.append(f"| {r['model']} | {r['size']} ({r['tokens']}) | `{r['method']}` | {float(r['gflops']):.1f} "
                          f"| {_x(r['speedup'])} | {_x(r['amdahl'])} | {_pct(r['of_amdahl'])} |")
+    official = [r for r in _rows(OFFICIAL) if r["impl"] != "exact (SDPA)" and not r.get("skipped")]
+    if official:
+        lines += ["", "FNA beside the official code (its formula, torch-quickfps landmarks; "
+                  f"benchmarks/official_fna.py), m = {official[0]['m']}, same process and inputs, load average "
+                  "before each cell in the CSV:", "",
+                  "| N | threads | implementation | speed-up vs SDPA | FLOP bound | vs official | selection share |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['n']} | {r['threads']} | {r['impl']} | {_x(r['speedup'])} | {_x(r['flop_bound'])} "
+                  f"| {_x(r['vs_official'])} | {_pct(r['select_share'])} |" for r in official]
     first = next((r for n in [a for a, _ in ATTENTION] + VIT for r in _rows(n)), None)
     where = f"{first['device_name']}, {first['threads']} threads, {first['dtype']}" if first else "no CSV found"
     return "\n".join([f"Measured on: {where} (CSVs in `benchmarks/results/`).", "", *lines])
