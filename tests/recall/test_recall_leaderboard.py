@@ -163,6 +163,8 @@ def test_make_record_completes_and_checks_a_suite_result():
         make_record({k: v for k, v in result.items() if k != "metrics"})
     with pytest.raises(RecordError, match="metric 'err' is not a number"):
         make_record({**result, "metrics": {"err": "x"}}, {})
+    nan = make_record({**result, "metrics": {"err": float("nan"), "other": 1.0}}, {})  # a NaN is a failed cell
+    assert nan["status"] == "failed" and nan["metrics"] == {} and "err=nan" in nan["error"]
 
 
 def _and(items) -> str:
