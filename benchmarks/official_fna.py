@@ -17,6 +17,7 @@ Needs ``pip install torch-quickfps`` (CPU wheels on PyPI); without it the offici
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -116,7 +117,7 @@ def run_cell(args, n: int, threads: int, quickfps) -> list[dict]:
     q, k, v = make_inputs(args.batch, args.heads, n, args.head_dim, device=device, dtype=torch.float32,
                           seed=args.seed)
     meta = make_inputs(args.batch, args.heads, n, args.head_dim, device="meta", dtype=torch.float32, seed=args.seed)
-    load = _load()
+    load = os.getloadavg()[0]
     base = {"device": "cpu", "device_name": device_name(device), "dtype": "float32", "batch": args.batch,
             "heads": args.heads, "head_dim": args.head_dim, "m": args.m, "n": n, "threads": threads,
             "load_before": load}
@@ -173,14 +174,6 @@ def run_cell(args, n: int, threads: int, quickfps) -> list[dict]:
         print(f"  N={n:>6} t={threads} {row['impl']:<28} {fmt(row.get('median_ms'))} ms  × exact "
               f"{fmt(row.get('speedup'))}  × official {fmt(row.get('vs_official'))}", file=sys.stderr, flush=True)
     return rows
-
-
-def _load() -> float | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return float(f.read().split()[0])
-    except OSError:
-        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -209,6 +210,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def nonfinite_metrics(metrics: dict[str, Any], task: str, variant: str) -> str | None:
+    """Why a cell with these metrics is a failed one (a NaN or infinity measures nothing), or None."""
+    broken = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if not broken:
+        return None
+    named = ", ".join(f"{k}={metrics[k]}" for k in broken)
+    return f"metric(s) {named} of {task} under {variant} are not finite numbers"
 
 
 def validate(record: dict[str, Any], source: str = "record") -> dict[str, Any]:

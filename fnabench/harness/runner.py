@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -321,10 +320,9 @@ class Runner:
             metrics = dict(metrics)
             record["details"] = metrics.pop("details")
         metrics = {k: float(v) for k, v in metrics.items()}
-        broken = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-        if broken:  # a NaN or an infinity measures nothing: the cell fails with the reason, the sweep goes on
-            raise NonFiniteMetricError(f"metric(s) {', '.join(f'{k}={metrics[k]}' for k in broken)} of {cell.task} "
-                                       f"under {cell.variant} are not finite numbers")
+        reason = rec.nonfinite_metrics(metrics, cell.task, cell.variant)
+        if reason:  # the cell fails with the reason, the sweep goes on
+            raise NonFiniteMetricError(reason)
         record.update(metrics=metrics, primary_metric=task.primary,
                       higher_is_better=dict(task.higher_is_better), flops=flops, timing=timing,
                       peak_memory_bytes=int(memory), image_size=loaded.image_size)

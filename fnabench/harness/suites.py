@@ -12,7 +12,6 @@ Task suites never import the harness: the ``fnabench`` command hands this module
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,11 +46,9 @@ def make_record(result: dict[str, Any], environment: dict[str, Any] | None = Non
     fields = {**_DEFAULTS, **result, "variant": variant.canonical, "variant_short": variant.short,
               "settings": settings, "environment": env}
     fields.pop("schema", None), fields.pop("id", None)
-    broken = sorted(k for k, v in fields["metrics"].items() if isinstance(v, float) and not math.isfinite(v))
-    if broken and fields["status"] == "ok":  # a NaN measures nothing: a failed cell with its reason, as the runner's
-        named = ", ".join(f"{k}={fields['metrics'][k]}" for k in broken)
-        fields.update(status="failed", metrics={},
-                      error=f"metric(s) {named} of {result['task']} under {variant.canonical} are not finite numbers")
+    reason = rec.nonfinite_metrics(fields["metrics"], result["task"], variant.canonical)
+    if reason and fields["status"] == "ok":  # a failed cell with its reason, as the runner records one
+        fields.update(status="failed", metrics={}, error=reason)
     return rec.validate(rec.build_record(**fields), f"suite result {result['model']!r} / {result['task']!r}")
 
 
